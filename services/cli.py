@@ -1,12 +1,12 @@
 """`opd` command line: a thin dispatcher; each command's module owns its config and `main(argv)`.
 
-    opd teacher serve      gRPC teacher service            services/teacher/server.py
-    opd rollout serve      HTTP rollout service            services/rollout/server.py
-    opd rollout work       rollout worker -> Redis         services/rollout/worker.py
-    opd train              trainer                         trainer/train.py
-    opd up                 whole pipeline locally          services/pipeline.py
-    opd toy prepare        toy task data + models          trainer/toy/prepare.py
-    opd experiment NAME    paper experiments               trainer/experiments.py
+opd teacher serve      gRPC teacher service            services/teacher/server.py
+opd rollout serve      HTTP rollout service            services/rollout/server.py
+opd rollout work       rollout worker -> Redis         services/rollout/worker.py
+opd train              trainer                         trainer/train.py
+opd up                 whole pipeline locally          services/pipeline.py
+opd toy prepare        toy task data + models          trainer/toy/prepare.py
+opd experiment NAME    paper experiments               trainer/experiments.py
 """
 
 from __future__ import annotations

@@ -103,8 +103,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         help_text = f"{help_text} (default: {default!r}; env {env_name(cls, f.name)})"
         if base is bool:
-            parser.add_argument(flag_name(f.name), dest=f.name, default=None,
-                                action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                flag_name(f.name),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
         else:
             parser.add_argument(flag_name(f.name), dest=f.name, default=None, type=str, help=help_text)
 
@@ -117,8 +122,12 @@ def read_toml_section(path: Path | None, section: str) -> dict[str, Any]:
     return dict(data.get(section, {}))
 
 
-def build_config(cls: type[C], toml_values: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, cli: dict[str, Any] | None = None) -> C:
+def build_config(
+    cls: type[C],
+    toml_values: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    cli: dict[str, Any] | None = None,
+) -> C:
     """Merge the layers into an instance of `cls` (whose __post_init__ validates)."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}

@@ -116,7 +116,9 @@ def decode(data: bytes) -> ExperienceRecord:
     except (DecodeError, ValueError) as e:
         raise ExperienceDecodeError(f"not an ExperienceGroup: {e}") from e
     if msg.schema_version != SCHEMA_VERSION:
-        raise ExperienceDecodeError(f"schema_version {msg.schema_version}, this reader knows {SCHEMA_VERSION}")
+        raise ExperienceDecodeError(
+            f"schema_version {msg.schema_version}, this reader knows {SCHEMA_VERSION}"
+        )
     if not msg.samples:
         raise ExperienceDecodeError("record has no samples")
     samples = []
@@ -128,7 +130,11 @@ def decode(data: bytes) -> ExperienceRecord:
         if k == 0:
             raise ExperienceDecodeError(f"sample {i}: teacher k is 0")
         c, cb = t.candidates_per_row, s.behaviour_top_k
-        env = np.frombuffer(s.env_positions, dtype=I32).astype(np.int32) if s.env_positions else np.zeros(0, np.int32)
+        env = (
+            np.frombuffer(s.env_positions, dtype=I32).astype(np.int32)
+            if s.env_positions
+            else np.zeros(0, np.int32)
+        )
         if len(s.env_positions) % 4 or (env.size and (env.min() < 0 or env.max() >= n)):
             raise ExperienceDecodeError(f"sample {i}: env_positions out of range")
         samples.append(
@@ -137,16 +143,24 @@ def decode(data: bytes) -> ExperienceRecord:
                 behaviour_logprobs=_arr(s.behaviour_logprobs, F32, (n,), f"sample {i} behaviour_logprobs"),
                 teacher_topk_ids=_arr(t.topk_ids, I32, (n, k), f"sample {i} teacher.topk_ids"),
                 teacher_topk_logprobs=_arr(t.topk_logprobs, F32, (n, k), f"sample {i} teacher.topk_logprobs"),
-                teacher_target_logprobs=_arr(t.target_logprobs, F32, (n,), f"sample {i} teacher.target_logprobs"),
+                teacher_target_logprobs=_arr(
+                    t.target_logprobs, F32, (n,), f"sample {i} teacher.target_logprobs"
+                ),
                 finish_reason=s.finish_reason,
                 teacher_model_id=t.model_id,
-                teacher_candidate_ids=_arr(t.candidate_ids, I32, (n, c), f"sample {i} candidate_ids") if c else None,
+                teacher_candidate_ids=_arr(t.candidate_ids, I32, (n, c), f"sample {i} candidate_ids")
+                if c
+                else None,
                 teacher_candidate_logprobs=(
                     _arr(t.candidate_logprobs, F32, (n, c), f"sample {i} candidate_logprobs") if c else None
                 ),
-                behaviour_top_ids=_arr(s.behaviour_top_ids, I32, (n, cb), f"sample {i} behaviour_top_ids") if cb else None,
+                behaviour_top_ids=_arr(s.behaviour_top_ids, I32, (n, cb), f"sample {i} behaviour_top_ids")
+                if cb
+                else None,
                 behaviour_top_logprobs=(
-                    _arr(s.behaviour_top_logprobs, F32, (n, cb), f"sample {i} behaviour_top_logprobs") if cb else None
+                    _arr(s.behaviour_top_logprobs, F32, (n, cb), f"sample {i} behaviour_top_logprobs")
+                    if cb
+                    else None
                 ),
                 reward=float(s.reward) if s.has_reward else None,
                 env_positions=env,

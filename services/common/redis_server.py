@@ -37,8 +37,14 @@ class EmbeddedRedis:
     `password` sets `requirepass`.
     """
 
-    def __init__(self, port: int | None = None, data_dir: str | Path | None = None,
-                 appendonly: bool = False, password: str | None = None, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        port: int | None = None,
+        data_dir: str | Path | None = None,
+        appendonly: bool = False,
+        password: str | None = None,
+        host: str = "127.0.0.1",
+    ):
         self.host = host
         self.port = port or free_port(host)
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="opd-redis-")
@@ -54,9 +60,27 @@ class EmbeddedRedis:
         return f"redis://{auth}{self.host}:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", self.host, "--dir", str(self.data_dir),
-                "--save", "", "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec",
-                "--protected-mode", "no", "--daemonize", "no", "--loglevel", "warning"]
+        args = [
+            redis_server_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
+        ]
         if self.password:
             args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -56,8 +56,11 @@ def tiny_llama_config(
     """head_dim = hidden_size / num_heads; keep it 32 or 64 (vLLM's CPU attention rejects 16)."""
     ids = {}
     if tokenizer is not None:
-        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                   pad_token_id=tokenizer.pad_token_id)
+        ids = dict(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
