@@ -1,0 +1,256 @@
+"""Distillation objectives as pure tensor functions (DESIGN.md section 1).
+
+Every function takes explicit masks, computes in fp32 whatever the input dtype, and works on any device.
+Shape letters: B batch (sequences), T completion positions, K support slots, V vocabulary.
+
+Notation (the paper, "Revisiting On-Policy Distillation", Fu et al.):
+
+    S_t    support at position t (teacher top-K by default), given as K ids plus a mask of valid slots
+    pi^(v) = pi(v|c_t) / sum_{u in S_t} pi(u|c_t)        student renormalised inside the support
+    q^(v)  = q(v|c_t)  / sum_{u in S_t} q(u|c_t)         teacher renormalised inside the support
+    L_LSM  = (1 / sum_i |o_i|) sum_i sum_t KL(pi^_t || q^_t)                    (equation 8)
+
+Masked entries may hold anything, -inf and NaN included: every function selects with ``torch.where``
+before any arithmetic touches them, so they reach neither the value nor the gradient.
+"""
+
+import torch
+from torch import Tensor
+
+# Stands in for -inf in masked support slots: exp() of it is exactly 0, and unlike -inf it never makes
+# (-inf) - (-inf) = NaN in a log-softmax of a row whose slots are all masked.
+_MASKED_LOGIT = torch.finfo(torch.float32).min
+
+# Chunk length of the blocked discounted-return scan: a [C, C] discount matrix per level, log_C(T) levels.
+_RETURN_CHUNK = 64
+
+
+def _renormalized_logprobs(logprobs_B_T_K: Tensor, support_mask_B_T_K: Tensor) -> Tensor:
+    """log of the distribution renormalised over the unmasked slots; 0 in masked slots.
+
+    A per-row constant added to ``logprobs_B_T_K`` cancels, so unnormalised logits work as well.
+    """
+    filled_B_T_K = torch.where(support_mask_B_T_K, logprobs_B_T_K.float(), _MASKED_LOGIT)
+    log_hat_B_T_K = torch.log_softmax(filled_B_T_K, dim=-1)
+    return torch.where(support_mask_B_T_K, log_hat_B_T_K, 0.0)
+
+
+def local_support_kl(
+    student_logprobs: Tensor,  # (B, T, K) student log pi at the support ids (any per-row shift if renormalised)
+    teacher_logprobs: Tensor,  # (B, T, K) teacher log q at the same ids; may be -inf in masked slots
+    support_mask: Tensor,  # (B, T, K) bool, False where a slot is padding or a masked special token
+    renormalize: bool = True,
+) -> Tensor:  # (B, T)
+    """Reverse KL between student and teacher restricted to the support, per position.
+
+    ``renormalize=True`` (LSM): KL(pi^ || q^) = sum_{v in S} pi^(v) (log pi^(v) - log q^(v)), both
+    distributions renormalised over the unmasked slots. The result is exact (not a sampled estimate), >= 0,
+    and unchanged by a per-row constant shift of either input. Its gradient flows analytically through
+    pi^, i.e. through a softmax over the K student values, so the full-vocabulary normaliser never appears.
+
+    ``renormalize=False`` (the ablation): sum_{v in S} pi(v) (log pi(v) - log q(v)) on the given
+    full-vocabulary log-probabilities. This is not a divergence (it can be negative) and it is what
+    collapses in the paper.
+
+    Rows with no unmasked slot give 0, with zero gradient.
+    """
+    mask_B_T_K = support_mask.bool()
+    if renormalize:
+        log_p_B_T_K = _renormalized_logprobs(student_logprobs, mask_B_T_K)
+        log_q_B_T_K = _renormalized_logprobs(teacher_logprobs, mask_B_T_K)
+    else:
+        log_p_B_T_K = torch.where(mask_B_T_K, student_logprobs.float(), 0.0)
+        log_q_B_T_K = torch.where(mask_B_T_K, teacher_logprobs.float(), 0.0)
+    p_B_T_K = torch.where(mask_B_T_K, log_p_B_T_K.exp(), 0.0)
+    return (p_B_T_K * (log_p_B_T_K - log_q_B_T_K)).sum(dim=-1)
+
+
+def _discounted_scan(rewards_B_T: Tensor, gamma: float) -> Tensor:
+    """A_t = sum_{t' >= t} gamma^(t'-t) r_t' along the last dim, blocked so no power of gamma is divided.
+
+    Within a chunk of C positions the sum is a product with the upper-triangular [C, C] matrix
+    gamma^(j - i); across chunks A at a chunk start obeys the same recursion with gamma^C, which is solved
+    by the same function on the T / C chunk sums. Only non-negative powers appear, so gamma in [0, 1]
+    never overflows or divides by an underflowed power (the naive gamma^t' / gamma^t form does).
+    """
+    B, T = rewards_B_T.shape
+    C = min(T, _RETURN_CHUNK)
+    n_chunks = -(-T // C)
+    padded_B_NC = torch.nn.functional.pad(rewards_B_T, (0, n_chunks * C - T))
+    r_B_N_C = padded_B_NC.view(B, n_chunks, C)
+
+    idx_C = torch.arange(C, device=rewards_B_T.device)
+    lag_C_C = idx_C[None, :] - idx_C[:, None]  # (C, C) j - i
+    gamma_t = torch.tensor(gamma, dtype=torch.float32, device=rewards_B_T.device)
+    # 0 ** 0 = 1 in torch, so gamma = 0 keeps the diagonal.
+    discount_C_C = torch.where(lag_C_C >= 0, gamma_t ** lag_C_C.clamp_min(0), 0.0)
+    local_B_N_C = r_B_N_C @ discount_C_C.T  # (B, N, C) returns that stop at the chunk end
+
+    if n_chunks > 1:
+        # A at the start of each chunk, then the tail of chunk n is carried in from chunk n + 1's start.
+        start_B_N = _discounted_scan(local_B_N_C[:, :, 0].contiguous(), gamma**C)
+        next_start_B_N = torch.nn.functional.pad(start_B_N[:, 1:], (0, 1))
+        carry_C = gamma_t ** (C - idx_C)  # (C,) distance from position i to the next chunk start
+        local_B_N_C = local_B_N_C + next_start_B_N[:, :, None] * carry_C
+    return local_B_N_C.reshape(B, n_chunks * C)[:, :T]
+
+
+def discounted_returns(rewards: Tensor, token_mask: Tensor, gamma: float) -> Tensor:
+    """Discounted return-to-go A_t = sum_{t' >= t, t' unmasked} gamma^(t'-t) r_t', shape (B, T) -> (B, T).
+
+    Interpretation of "over unmasked positions": a masked position contributes no reward and gets A = 0,
+    but it still counts in the distance t' - t (discounting is by position in the sequence, not by the
+    number of unmasked tokens in between). gamma = 0 gives A_t = r_t (token-level OPD); gamma = 1 gives the
+    causal return-to-go (the sequence-level estimator). gamma must lie in [0, 1].
+    """
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    mask_B_T = token_mask.bool()
+    r_B_T = torch.where(mask_B_T, rewards.float(), 0.0)
+    if r_B_T.shape[-1] == 0:
+        return r_B_T
+    if gamma == 0.0:
+        returns_B_T = r_B_T
+    elif gamma == 1.0:
+        # Reverse cumulative sum: sum over t' >= t.
+        returns_B_T = r_B_T.flip(-1).cumsum(-1).flip(-1)
+    else:
+        returns_B_T = _discounted_scan(r_B_T, gamma)
+    return torch.where(mask_B_T, returns_B_T, 0.0)
+
+
+def masked_token_mean(per_token: Tensor, token_mask: Tensor) -> Tensor:
+    """Sum over all unmasked tokens of the batch divided by their count (equation 8's 1 / sum_i |o_i|).
+
+    (B, T) -> scalar. 0 (with zero gradient) when nothing is unmasked.
+    """
+    mask_B_T = token_mask.bool()
+    total = torch.where(mask_B_T, per_token.float(), 0.0).sum()
+    return total / mask_B_T.sum().clamp_min(1)
+
+
+def add_sampled_token(
+    support_ids_BTK: Tensor,  # (B, T, K) int, teacher top-K ids
+    teacher_logprobs_BTK: Tensor,  # (B, T, K) teacher log q at those ids
+    support_mask_BTK: Tensor,  # (B, T, K) bool
+    sampled_ids_BT: Tensor,  # (B, T) int, the sampled token y_t
+    sampled_teacher_logprobs_BT: Tensor,  # (B, T) teacher log q(y_t | c_t)
+) -> tuple[Tensor, Tensor, Tensor]:  # ids (B, T, K+1), teacher logprobs (B, T, K+1), mask (B, T, K+1)
+    """Support variant "teacher top-K plus the sampled token", deduplicated.
+
+    Appends y_t as slot K. The extra slot is masked where y_t already sits in an unmasked slot of the
+    support (so it is never counted twice); a copy of y_t in a masked slot (padding) does not count.
+    Special-token masking applies afterwards like for any support (``special_token_mask``).
+    """
+    mask_BTK = support_mask_BTK.bool()
+    sampled_BT1 = sampled_ids_BT.to(support_ids_BTK.dtype).unsqueeze(-1)
+    already_in_BT = ((support_ids_BTK == sampled_BT1) & mask_BTK).any(dim=-1)
+    ids_BTK1 = torch.cat([support_ids_BTK, sampled_BT1], dim=-1)
+    teacher_BTK1 = torch.cat(
+        [teacher_logprobs_BTK.float(), sampled_teacher_logprobs_BT.float().unsqueeze(-1)], dim=-1
+    )
+    mask_BTK1 = torch.cat([mask_BTK, (~already_in_BT).unsqueeze(-1)], dim=-1)
+    return ids_BTK1, teacher_BTK1, mask_BTK1
+
+
+def special_token_mask(
+    sampled_ids_BT: Tensor,  # (B, T) int
+    token_mask_BT: Tensor,  # (B, T) bool
+    support_ids_BTK: Tensor,  # (B, T, K) int
+    support_mask_BTK: Tensor,  # (B, T, K) bool
+    masked_ids: Tensor,  # (M,) int64, ids to drop (e.g. the tokenizer's special tokens); M may be 0
+) -> tuple[Tensor, Tensor]:  # token mask (B, T), support mask (B, T, K)
+    """Drop positions whose sampled token is in ``masked_ids``, and drop masked ids from every support."""
+    masked_ids = masked_ids.to(device=sampled_ids_BT.device, dtype=torch.int64)
+    keep_token_BT = ~torch.isin(sampled_ids_BT.long(), masked_ids)
+    keep_slot_BTK = ~torch.isin(support_ids_BTK.long(), masked_ids)
+    return token_mask_BT.bool() & keep_token_BT, support_mask_BTK.bool() & keep_slot_BTK
+
+
+def lsm_loss(
+    student_support_logprobs_BTK: Tensor,  # (B, T, K) student log pi (or logits) at the support ids
+    teacher_support_logprobs_BTK: Tensor,  # (B, T, K) teacher log q at the support ids
+    support_mask_BTK: Tensor,  # (B, T, K) bool
+    token_mask_BT: Tensor,  # (B, T) bool, completion positions that count
+    renormalize: bool = True,
+) -> tuple[Tensor, dict[str, float]]:
+    """Local support matching loss (equation 8): masked_token_mean of the per-position support KL.
+
+    The denominator counts every unmasked token, including positions whose support ended up empty
+    (they contribute 0), as in the paper's 1 / sum_i |o_i|.
+    """
+    kl_B_T = local_support_kl(
+        student_support_logprobs_BTK, teacher_support_logprobs_BTK, support_mask_BTK, renormalize
+    )
+    loss = masked_token_mean(kl_B_T, token_mask_BT)
+    return loss, {"loss/lsm": loss.item()}
+
+
+def sampled_token_opd_loss(
+    logprobs_BT: Tensor,  # (B, T) log pi_theta(y_t | c_t) under the policy being trained (has grad)
+    old_logprobs_BT: Tensor,  # (B, T) log pi_old(y_t | c_t) under the rollout (behaviour) policy
+    teacher_logprobs_BT: Tensor,  # (B, T) log q(y_t | c_t)
+    token_mask_BT: Tensor,  # (B, T) bool
+    gamma: float = 0.0,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+) -> tuple[Tensor, dict[str, float]]:
+    """Sampled-token OPD as a PPO-clipped policy gradient, with the gamma return-to-go estimator.
+
+    r_t = log q(y_t) - log pi_old(y_t) (no gradient), A = discounted_returns(r, mask, gamma),
+    ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t)), and per token
+    -min(ratio_t A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) A_t), reduced with masked_token_mean.
+    gamma = 0 is token-level OPD; gamma = 1 the causal sequence-level estimator.
+
+    Metrics: ``opd/clip_frac`` is the fraction of unmasked tokens where the clipped term is the smaller one
+    (ratio below 1 - clip_low with A < 0, or above 1 + clip_high with A > 0): there the token gets no
+    gradient.
+    """
+    mask_BT = token_mask_BT.bool()
+    logprobs_BT = torch.where(mask_BT, logprobs_BT.float(), 0.0)
+    old_BT = torch.where(mask_BT, old_logprobs_BT.float(), 0.0).detach()
+    teacher_BT = torch.where(mask_BT, teacher_logprobs_BT.float(), 0.0).detach()
+
+    rewards_BT = teacher_BT - old_BT
+    advantages_BT = discounted_returns(rewards_BT, mask_BT, gamma)
+    ratio_BT = (logprobs_BT - old_BT).exp()
+    unclipped_BT = ratio_BT * advantages_BT
+    clipped_BT = ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages_BT
+    per_token_BT = -torch.minimum(unclipped_BT, clipped_BT)
+    loss = masked_token_mean(per_token_BT, mask_BT)
+
+    clip_frac = masked_token_mean((clipped_BT < unclipped_BT).float(), mask_BT)
+    metrics = {
+        "loss/sampled_token": loss.item(),
+        "opd/clip_frac": clip_frac.item(),
+        "opd/reward_mean": masked_token_mean(rewards_BT, mask_BT).item(),
+        "opd/advantage_mean": masked_token_mean(advantages_BT, mask_BT).item(),
+        "opd/ratio_mean": masked_token_mean(ratio_BT.detach(), mask_BT).item(),
+    }
+    return loss, metrics
+
+
+def full_reverse_kl(
+    student_logits_BTV: Tensor,  # (B, T, V) student logits over the whole vocabulary
+    teacher_logprobs_BTV: Tensor,  # (B, T, V) teacher full-vocabulary log-probabilities (finite)
+    token_mask_BT: Tensor,  # (B, T) bool
+) -> tuple[Tensor, dict[str, float]]:
+    """Full-vocabulary reverse KL(pi || q) per position (equation 4), reduced with masked_token_mean.
+
+    The reference objective; it needs the (B, T, V) matrices, which LSM avoids.
+    """
+    mask_BT1 = token_mask_BT.bool().unsqueeze(-1)
+    log_p_BTV = torch.log_softmax(torch.where(mask_BT1, student_logits_BTV.float(), 0.0), dim=-1)
+    log_q_BTV = torch.where(mask_BT1, teacher_logprobs_BTV.float(), 0.0)
+    kl_BT = (log_p_BTV.exp() * (log_p_BTV - log_q_BTV)).sum(dim=-1)
+    loss = masked_token_mean(kl_BT, token_mask_BT)
+    return loss, {"loss/full_kl": loss.item()}
+
+
+def support_mass(logprobs_BTK: Tensor, support_mask_BTK: Tensor) -> Tensor:
+    """sum_{v in S_t} p(v | c_t) for full-vocabulary log-probabilities at the support ids, (B, T, K) -> (B, T).
+
+    A diagnostic: how much of the teacher's (or student's) probability the support covers.
+    """
+    mask_BTK = support_mask_BTK.bool()
+    return torch.where(mask_BTK, torch.where(mask_BTK, logprobs_BTK.float(), 0.0).exp(), 0.0).sum(dim=-1)
