@@ -1,0 +1,376 @@
+"""Rollout worker end to end on loopback: a real redis-server, the real teacher gRPC server and the real
+rollout HTTP service (hf backend, tiny random Llamas); the records in the stream are checked against the
+services called again and against the models' own log-softmax recomputed with transformers."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from services.common.experience import decode
+from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, experience_stream
+from services.common.redis_server import EmbeddedRedis, free_port
+from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
+from services.rollout.app import build_app
+from services.rollout.client import RolloutClient
+from services.rollout.config import RolloutConfig
+from services.rollout.protocol import GenerateRequest
+from services.rollout.server import running_server
+from services.rollout.verifiers import exact_match
+from services.rollout.worker import RolloutWorker, WorkerConfig, completion_text, request_seed
+from services.teacher.client import TeacherClient
+from services.teacher.config import TeacherConfig
+from services.teacher.server import run_server
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [("12+34=", "46"), ("5+7=", "12"), ("90+9=", "99"), ("1+1=", "2"), ("33+44=", "77"), ("8+8=", "16")]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """Models, prompt file, Redis, teacher and rollout servers shared by the module's tests."""
+    root = tmp_path_factory.mktemp("worker")
+    tok = build_char_tokenizer()
+    student = make_tiny_llama(root / "student", seed=0, tokenizer=tok)
+    teacher = make_tiny_llama(root / "teacher", seed=1, tokenizer=tok)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, "answer": a}) + "\n" for p, a in PROMPTS))
+    with (
+        EmbeddedRedis() as redis_server,
+        run_server(TeacherConfig(model=str(teacher), backend="hf", port=0)) as teacher_handle,
+        running_server(
+            build_app(RolloutConfig(model=str(student), backend="hf", port=0, insecure_no_token=True))
+        ) as rollout_url,
+        RolloutClient(rollout_url) as rollout,
+        TeacherClient([teacher_handle.address]) as teacher_client,
+    ):
+        deadline = time.monotonic() + 60
+        while not rollout.ready():
+            assert time.monotonic() < deadline, "rollout service not ready"
+            time.sleep(0.1)
+        yield dict(
+            tok=tok,
+            student=student,
+            teacher=teacher,
+            prompts=prompts,
+            redis_url=redis_server.url,
+            rollout_url=rollout_url,
+            teacher_address=teacher_handle.address,
+            rollout=rollout,
+            teacher_client=teacher_client,
+        )
+
+
+def make_worker(stack, run: str, **kw) -> RolloutWorker:
+    cfg = WorkerConfig(
+        run=run,
+        redis_url=stack["redis_url"],
+        rollout_url=stack["rollout_url"],
+        teacher=[stack["teacher_address"]],
+        prompts=str(stack["prompts"]),
+        **kw,
+    )
+    return RolloutWorker(cfg, stack["rollout"], stack["teacher_client"], connect(stack["redis_url"]))
+
+
+def read_records(stack, run: str):
+    r = connect(stack["redis_url"])
+    return [decode(fields[RECORD_FIELD]) for _, fields in r.xrange(experience_stream(run))]
+
+
+@torch.no_grad()
+def log_softmax_rows(model_dir: Path, prompt_ids, completion_ids) -> torch.Tensor:
+    """[L, V] log-probabilities of each completion position given everything before it (temperature 1)."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    logits = model(ids).logits[0].float()
+    p = len(prompt_ids)
+    return torch.log_softmax(logits[p - 1 : -1], dim=-1)  # row t predicts token p + t
+
+
+def test_records_are_what_was_generated_and_scored(stack):
+    g, k = 3, 5
+    worker = make_worker(
+        stack,
+        "exact",
+        group_size=g,
+        max_new_tokens=8,
+        top_k=k,
+        max_records=4,
+        concurrency=2,
+        tokenizer=str(stack["student"]),
+        verifier="exact_match",
+        task="arith",
+        seed=11,
+    )
+    summary = worker.run()
+    assert summary["records"] == 4 and summary["bad_prompts"] == 0 and summary["dropped"] == 0
+    records = read_records(stack, "exact")
+    assert len(records) == 4
+    assert len({r.record_id for r in records}) == 4
+    assert {r.prompt_text for r in records} == {p for p, _ in PROMPTS[:4]}  # the first 4 rows, once each
+    tok, rollout, teacher = stack["tok"], stack["rollout"], stack["teacher_client"]
+    rows = {p: i for i, (p, _) in enumerate(PROMPTS)}
+    checked_models = False
+    for rec in records:
+        row = rows[rec.prompt_text]
+        assert rec.answer == PROMPTS[row][1] and rec.task == "arith" and rec.policy_version == 0
+        assert rec.prompt_ids.tolist() == tok(rec.prompt_text)["input_ids"]
+        assert len(rec.samples) == g
+        # The rollout service gives the same samples for the same seed: the record holds exactly those.
+        again = rollout.generate(
+            GenerateRequest(
+                texts=[rec.prompt_text],
+                n=g,
+                max_new_tokens=8,
+                temperature=1.0,
+                top_p=0.9,
+                seed=request_seed(11, row, 0),
+            )
+        )
+        for s, ref in zip(rec.samples, again.samples, strict=True):
+            assert s.completion_ids.tolist() == ref.token_ids
+            np.testing.assert_allclose(s.behaviour_logprobs, ref.logprobs, atol=1e-5)
+            assert s.finish_reason == ref.finish_reason
+            assert s.teacher_model_id == teacher.model_id
+            assert s.reward == exact_match(completion_text(tok, ref.token_ids), rec.answer)
+            # The teacher, asked again for this sequence, returns the stored arrays.
+            (scored,) = teacher.score(
+                [rec.prompt_ids.tolist() + s.completion_ids.tolist()],
+                score_from=[len(rec.prompt_ids)],
+                top_k=k,
+            )
+            np.testing.assert_array_equal(s.teacher_topk_ids, scored.topk_ids)
+            np.testing.assert_allclose(s.teacher_topk_logprobs, scored.topk_logprobs, atol=1e-5)
+            np.testing.assert_allclose(s.teacher_target_logprobs, scored.target_logprobs, atol=1e-5)
+            assert s.teacher_candidate_ids is None
+        if not checked_models:
+            # Independent reference: both models' own log-softmax, recomputed with transformers.
+            s = rec.samples[0]
+            student_lp = log_softmax_rows(stack["student"], rec.prompt_ids, s.completion_ids)
+            idx = torch.as_tensor(s.completion_ids, dtype=torch.long)[:, None]
+            np.testing.assert_allclose(
+                s.behaviour_logprobs, student_lp.gather(1, idx)[:, 0].numpy(), atol=1e-4
+            )
+            teacher_lp = log_softmax_rows(stack["teacher"], rec.prompt_ids, s.completion_ids)
+            top_v, top_i = teacher_lp.topk(k, dim=-1)
+            np.testing.assert_array_equal(s.teacher_topk_ids, top_i.numpy())
+            np.testing.assert_allclose(s.teacher_topk_logprobs, top_v.numpy(), atol=1e-4)
+            np.testing.assert_allclose(
+                s.teacher_target_logprobs, teacher_lp.gather(1, idx)[:, 0].numpy(), atol=1e-4
+            )
+            checked_models = True
+
+
+def test_student_topk_records_carry_behaviour_top_ids_as_candidates(stack):
+    k = 4
+    worker = make_worker(
+        stack, "stopk", group_size=2, max_new_tokens=6, top_k=k, max_records=1, support="student_topk"
+    )
+    assert worker.run()["records"] == 1
+    (rec,) = read_records(stack, "stopk")
+    teacher_lp = None
+    for s in rec.samples:
+        n = len(s)
+        assert s.behaviour_top_ids.shape == (n, k) and s.teacher_candidate_ids.shape == (n, k)
+        np.testing.assert_array_equal(s.teacher_candidate_ids, s.behaviour_top_ids)
+        # Behaviour top-k = the student's own top-k; candidate logprobs = the teacher's at those ids.
+        student_lp = log_softmax_rows(stack["student"], rec.prompt_ids, s.completion_ids)
+        top_v, top_i = student_lp.topk(k, dim=-1)
+        np.testing.assert_array_equal(s.behaviour_top_ids, top_i.numpy())
+        np.testing.assert_allclose(s.behaviour_top_logprobs, top_v.numpy(), atol=1e-4)
+        teacher_lp = log_softmax_rows(stack["teacher"], rec.prompt_ids, s.completion_ids)
+        at_candidates = teacher_lp.gather(1, torch.as_tensor(s.teacher_candidate_ids, dtype=torch.long))
+        np.testing.assert_allclose(s.teacher_candidate_logprobs, at_candidates.numpy(), atol=1e-4)
+
+
+def test_full_stream_blocks_the_worker_until_consumed(stack):
+    run, total, metrics_port = "backlog", 5, free_port()
+    worker = make_worker(
+        stack,
+        run,
+        group_size=2,
+        max_new_tokens=4,
+        top_k=3,
+        max_records=total,
+        concurrency=3,
+        max_backlog=2,
+        metrics_port=metrics_port,
+    )
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    r, stream = connect(stack["redis_url"]), experience_stream(run)
+    try:
+        deadline = time.monotonic() + 60
+        while r.xlen(stream) < 2:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.05)
+        # Full: the worker keeps its finished records and waits; the stream stays at the bound.
+        for _ in range(20):
+            assert r.xlen(stream) == 2
+            time.sleep(0.1)
+        assert thread.is_alive() and worker.totals["records"] == 2
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        assert "opd_worker_records_total 2.0" in metrics
+        assert re.search(r"opd_worker_completion_tokens_total [1-9]", metrics)
+        # A trainer consumes (group read, ack, delete): the worker resumes until all records are written.
+        consumed = []
+        while len(consumed) < total:
+            assert time.monotonic() < deadline + 60
+            assert r.xlen(stream) <= 2
+            got = r.xreadgroup(CONSUMER_GROUP, "trainer-0", {stream: ">"}, count=1, block=200)
+            for _, entries in got:
+                for entry_id, fields in entries:
+                    consumed.append(decode(fields[RECORD_FIELD]).record_id)
+                    r.xack(stream, CONSUMER_GROUP, entry_id)
+                    r.xdel(stream, entry_id)
+        thread.join(30)
+        assert not thread.is_alive()
+        assert len(set(consumed)) == total and worker.totals["records"] == total
+        assert r.xlen(stream) == 0
+    finally:
+        worker.stop()
+        thread.join(30)
+
+
+def test_sigterm_finishes_in_flight_prompts_and_writes_only_whole_records(stack):
+    run = "sigterm"
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'proto'}", OPD_LOG_LEVEL="INFO")
+    argv = [
+        sys.executable,
+        "-m",
+        "services.cli",
+        "rollout",
+        "work",
+        "--run",
+        run,
+        "--redis-url",
+        stack["redis_url"],
+        "--rollout-url",
+        stack["rollout_url"],
+        "--teacher",
+        stack["teacher_address"],
+        "--prompts",
+        str(stack["prompts"]),
+        "--group-size",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--top-k",
+        "3",
+        "--concurrency",
+        "2",
+        "--log-interval-s",
+        "1",
+    ]  # epochs 0, max_records 0: runs until stopped
+    proc = subprocess.Popen(
+        argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    r, stream = connect(stack["redis_url"]), experience_stream(run)
+    try:
+        deadline = time.monotonic() + 90
+        while r.xlen(stream) < 1:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no record within 90 s"
+            time.sleep(0.05)
+        at_signal = r.xlen(stream)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    done = re.search(r"done: records=(\d+) samples=(\d+) tokens=\d+ bad_prompts=0 dropped=(\d+)", out)
+    assert done, out
+    written, dropped = int(done.group(1)), int(done.group(3))
+    records = read_records(stack, run)
+    assert len(records) == written and dropped == 0
+    # In-flight prompts were finished, and no new one was started after the signal.
+    assert at_signal <= written <= at_signal + 2
+    for rec in records:  # every entry decodes to a whole record of G fully scored samples
+        assert len(rec.samples) == 2
+        for s in rec.samples:
+            assert s.teacher_topk_ids.shape == (len(s), 3) and s.behaviour_logprobs.shape == (len(s),)
+
+
+def test_teacher_down_at_start_is_retried(stack):
+    """The worker starts before its teacher: calls fail with UNAVAILABLE, back off, and succeed once the
+    teacher is up on the configured address."""
+    port = free_port()
+    # No client-side retries: UNAVAILABLE reaches the worker, whose own backoff is under test.
+    with TeacherClient([f"127.0.0.1:{port}"], timeout_s=10.0, max_retries=0) as late_teacher:
+        cfg = WorkerConfig(
+            run="late",
+            redis_url=stack["redis_url"],
+            rollout_url=stack["rollout_url"],
+            teacher=[f"127.0.0.1:{port}"],
+            prompts=str(stack["prompts"]),
+            group_size=2,
+            max_new_tokens=4,
+            top_k=3,
+            max_records=1,
+        )
+        worker = RolloutWorker(cfg, stack["rollout"], late_teacher, connect(stack["redis_url"]))
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(worker.run()))
+        thread.start()
+        time.sleep(2.0)
+        assert thread.is_alive() and not read_records(stack, "late")
+        with run_server(TeacherConfig(model=str(stack["teacher"]), backend="hf", port=port)):
+            thread.join(120)
+        assert not thread.is_alive()
+    assert result["records"] == 1
+    assert worker.metrics.retries.labels("teacher_info")._value.get() >= 1  # it did fail and back off
+    (rec,) = read_records(stack, "late")
+    assert len(rec.samples) == 2
+
+
+def test_shard_epochs_and_chat_prompts(stack, tmp_path):
+    """Worker 1 of 2 over `messages` rows for 2 epochs: its rows (1, 3, 5) twice, each prompt rendered with
+    the chat template and sent as token ids, which the records keep."""
+    tok = build_char_tokenizer()
+    tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
+    tok.save_pretrained(tmp_path / "chat_tok")
+    rows = [{"messages": [{"role": "user", "content": p}], "answer": a} for p, a in PROMPTS]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = WorkerConfig(
+        run="chat",
+        redis_url=stack["redis_url"],
+        rollout_url=stack["rollout_url"],
+        teacher=[stack["teacher_address"]],
+        prompts=str(tmp_path / "chat.jsonl"),
+        tokenizer=str(tmp_path / "chat_tok"),
+        worker_index=1,
+        num_workers=2,
+        epochs=2,
+        group_size=1,
+        max_new_tokens=3,
+        top_k=2,
+    )
+    worker = RolloutWorker(cfg, stack["rollout"], stack["teacher_client"], connect(stack["redis_url"]))
+    assert worker.run()["records"] == 6
+    records = read_records(stack, "chat")
+    expected = {f"<s>user: {PROMPTS[i][0]}\n" for i in (1, 3, 5)}
+    texts = [r.prompt_text for r in records]
+    assert sorted(texts) == sorted(list(expected) * 2)
+    vocab = tok.get_vocab()
+    for rec in records:
+        body = rec.prompt_text[len("<s>") :]
+        assert rec.prompt_ids.tolist() == [vocab["<s>"]] + [vocab[c] for c in body]
+        assert rec.answer == dict(PROMPTS)[rec.prompt_text[len("<s>user: ") : -1]]
