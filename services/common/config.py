@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         base, _ = _base_type(tp)
         help_text = f.metadata.get("help", "")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{help_text} (default: {default!r}; env {env_name(cls, f.name)})"
+        help_text = f"{help_text} (default: {default!r}; env {env_name(cls, f.name)})".replace("%", "%%")
         if base is bool:
             parser.add_argument(
                 flag_name(f.name),

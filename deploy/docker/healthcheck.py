@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Container health check (Dockerfile HEALTHCHECK): probe the `opd` process that runs in this container.
+
+It finds the process, rebuilds that process's config exactly as the process did (same arguments, same
+environment, same `--config` file), and probes the port the config names, so a port changed in the TOML
+or the environment never leaves the health check on a stale one:
+
+    opd teacher serve   grpc.health.v1 Check("") on 127.0.0.1:<port> answers SERVING
+    opd rollout serve   GET http://127.0.0.1:<port>/readyz answers 200 (a weight version is loaded)
+    opd rollout work    GET /metrics on <metrics_port> answers 200 when metrics_port is set, else Redis PING
+    opd train           Redis PING on <redis_url>
+
+Exit status 0: healthy; 1: unhealthy or no `opd` process (the reason on stderr). Kubernetes does not use
+this (its probes are in deploy/k8s); compose and plain `docker run` do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# `opd` command -> (module, config class): the processes the images run (services/cli.py).
+CONFIG_CLASSES: dict[tuple[str, ...], tuple[str, str]] = {
+    ("teacher", "serve"): ("services.teacher.config", "TeacherConfig"),
+    ("rollout", "serve"): ("services.rollout.config", "RolloutConfig"),
+    ("rollout", "work"): ("services.rollout.worker", "WorkerConfig"),
+    ("train",): ("trainer.config", "TrainerConfig"),
+}
+TIMEOUT_S = 5.0
+
+
+class Unhealthy(RuntimeError):
+    pass
+
+
+@dataclass
+class OpdProcess:
+    pid: int
+    command: tuple[str, ...]  # e.g. ("teacher", "serve")
+    args: list[str]  # the arguments after the command
+    environ: dict[str, str]
+
+
+def config_class(command: tuple[str, ...]) -> type:
+    module, name = CONFIG_CLASSES[command]
+    return getattr(importlib.import_module(module), name)
+
+
+def split_opd_argv(argv: list[str]) -> tuple[tuple[str, ...], list[str]] | None:
+    """(command, args) if argv runs `opd <command> ...` (directly or as `python .../opd ...`), else None."""
+    for i, word in enumerate(argv[:3]):
+        if os.path.basename(word) == "opd":
+            rest = argv[i + 1 :]
+            for n in (2, 1):
+                if tuple(rest[:n]) in CONFIG_CLASSES:
+                    return tuple(rest[:n]), rest[n:]
+    return None
+
+
+def find_opd_process(proc: Path = Path("/proc")) -> OpdProcess:
+    for entry in sorted(proc.iterdir(), key=lambda p: (len(p.name), p.name)):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = [a.decode() for a in (entry / "cmdline").read_bytes().split(b"\0") if a]
+            found = split_opd_argv(argv)
+            if found is None:
+                continue
+            raw_env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile, or is not ours
+            continue
+        environ = dict(item.decode().split("=", 1) for item in raw_env if b"=" in item)
+        return OpdProcess(int(entry.name), found[0], found[1], environ)
+    raise Unhealthy("no `opd` process is running")
+
+
+def process_config(p: OpdProcess) -> Any:
+    """The config the process built: its flags over its environment over its `--config` TOML section."""
+    from services.common.config import add_arguments, build_config, read_toml_section
+
+    cls = config_class(p.command)
+    parser = argparse.ArgumentParser(add_help=False)
+    add_arguments(parser, cls)
+    ns, _ = parser.parse_known_args(p.args)
+    cli = vars(ns)
+    path = cli.pop("config")
+    return build_config(cls, read_toml_section(path, cls.SECTION), env=p.environ, cli=cli)
+
+
+def check_grpc(target: str) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S
+            )
+        except grpc.RpcError as e:
+            raise Unhealthy(f"grpc health {target}: {e.code().name} {e.details()}") from e
+    if reply.status != health_pb2.HealthCheckResponse.SERVING:
+        raise Unhealthy(
+            f"grpc health {target}: {health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)}"
+        )
+
+
+def check_http(url: str) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT_S) as resp:
+            status = resp.status
+    except OSError as e:  # URLError and HTTPError (4xx/5xx) are OSErrors
+        raise Unhealthy(f"GET {url}: {e}") from e
+    if status != 200:
+        raise Unhealthy(f"GET {url}: HTTP {status}")
+
+
+def check_redis(url: str) -> None:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # No retries: a probe reports the state now; the next probe is the retry.
+    client = redis.Redis.from_url(
+        url, socket_timeout=TIMEOUT_S, socket_connect_timeout=TIMEOUT_S, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        client.ping()
+    except redis.RedisError as e:
+        raise Unhealthy(f"redis PING: {e}") from e
+    finally:
+        client.close()
+
+
+def check(p: OpdProcess) -> str:
+    """Probe the process; returns what was checked, raises Unhealthy."""
+    cfg = process_config(p)
+    if p.command == ("teacher", "serve"):
+        target = f"127.0.0.1:{cfg.port}"
+        check_grpc(target)
+        return f"teacher grpc {target} SERVING"
+    if p.command == ("rollout", "serve"):
+        url = f"http://127.0.0.1:{cfg.port}/readyz"
+        check_http(url)
+        return f"rollout {url} ready"
+    if p.command == ("rollout", "work") and cfg.metrics_port:
+        url = f"http://127.0.0.1:{cfg.metrics_port}/metrics"
+        check_http(url)
+        return f"worker {url} up"
+    check_redis(cfg.redis_url)
+    return f"{' '.join(p.command)}: redis reachable"
+
+
+def main() -> int:
+    try:
+        p = find_opd_process()
+        print(f"healthy: {check(p)}")
+        return 0
+    except Unhealthy as e:
+        print(f"unhealthy: {e}", file=sys.stderr)
+    except Exception as e:  # a config the process could not build either: report, never crash the probe
+        print(f"unhealthy: {type(e).__name__}: {e}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
