@@ -65,7 +65,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TeacherInfo(_message.Message):
-    __slots__ = ("model_id", "vocab_size", "max_top_k", "max_sequence_tokens", "max_request_tokens", "tokenizer_sha256", "special_token_ids", "backend", "supports_candidates")
+    __slots__ = ("model_id", "vocab_size", "max_top_k", "max_sequence_tokens", "max_request_tokens", "tokenizer_sha256", "special_token_ids", "backend", "supports_candidates", "supports_temperature", "max_candidates")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +75,8 @@ class TeacherInfo(_message.Message):
     SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     vocab_size: int
     max_top_k: int
@@ -84,4 +86,6 @@ class TeacherInfo(_message.Message):
     special_token_ids: _containers.RepeatedScalarFieldContainer[int]
     backend: str
     supports_candidates: bool
-    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_sequence_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., supports_candidates: _Optional[bool] = ...) -> None: ...
+    supports_temperature: bool
+    max_candidates: int
+    def __init__(self, model_id: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_sequence_tokens: _Optional[int] = ..., max_request_tokens: _Optional[int] = ..., tokenizer_sha256: _Optional[str] = ..., special_token_ids: _Optional[_Iterable[int]] = ..., backend: _Optional[str] = ..., supports_candidates: _Optional[bool] = ..., supports_temperature: _Optional[bool] = ..., max_candidates: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,68 @@
+"""Prometheus metrics of one teacher server (own registry, so several servers can live in one process).
+
+opd_teacher_queue_depth                    requests admitted and not yet answered
+opd_teacher_batch_sequences / _tokens      histograms of each forward's size
+opd_teacher_forward_seconds                histogram of the scorer's time per forward
+opd_teacher_scored_tokens_total            rows (positions) scored: rate() gives scored tokens/s
+opd_teacher_input_tokens_total             tokens run through the model
+opd_teacher_request_latency_seconds        Score latency as the server sees it, by status code
+opd_teacher_requests_total{code}           Score calls by status code
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+POW2 = tuple(float(2**i) for i in range(0, 19))
+LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class TeacherMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge(
+            "opd_teacher_queue_depth", "requests admitted and not yet answered", registry=r
+        )
+        self.batch_sequences = Histogram(
+            "opd_teacher_batch_sequences", "sequences per forward", buckets=POW2[:14], registry=r
+        )
+        self.batch_tokens = Histogram(
+            "opd_teacher_batch_tokens", "tokens per forward", buckets=POW2, registry=r
+        )
+        self.forward_seconds = Histogram(
+            "opd_teacher_forward_seconds", "scorer time per forward", buckets=LATENCY, registry=r
+        )
+        self.scored_tokens = Counter(
+            "opd_teacher_scored_tokens", "positions scored (response rows)", registry=r
+        )
+        self.input_tokens = Counter("opd_teacher_input_tokens", "tokens run through the model", registry=r)
+        self.request_latency = Histogram(
+            "opd_teacher_request_latency_seconds", "Score latency", ["code"], buckets=LATENCY, registry=r
+        )
+        self.requests = Counter("opd_teacher_requests", "Score calls by status code", ["code"], registry=r)
+        self._http = None
+
+    def observe_batch(self, items: Sequence, seconds: float) -> None:
+        tokens = sum(len(it.token_ids) for it in items)
+        self.batch_sequences.observe(len(items))
+        self.batch_tokens.observe(tokens)
+        self.forward_seconds.observe(seconds)
+        self.input_tokens.inc(tokens)
+        self.scored_tokens.inc(sum(it.rows for it in items))
+
+    def observe_request(self, code: str, seconds: float) -> None:
+        self.requests.labels(code=code).inc()
+        self.request_latency.labels(code=code).observe(seconds)
+
+    def serve(self, host: str, port: int) -> None:
+        """Expose /metrics over HTTP on a side port (a daemon thread)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
