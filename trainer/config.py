@@ -1,0 +1,202 @@
+"""Configuration of the trainer (`opd train`): one typed class; flags, env vars and TOML derive from it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from services.common.config import ConfigBase, ConfigError, opt
+
+OBJECTIVES = ("lsm", "sampled_token", "gamma", "full_kl")
+SUPPORTS = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+PUSH_MODES = ("http", "shared")
+VERIFIERS = ("exact_match", "math", "toy_arith")
+# Shared with the rollout service (services/rollout/config.py): one variable holds the weight-update token.
+WEIGHTS_TOKEN_ENV = "OPD_WEIGHTS_TOKEN"
+
+
+@dataclass
+class TrainerConfig(ConfigBase):
+    """Trainer: consumes experience from Redis, trains the student, pushes weights, checkpoints, evaluates."""
+
+    SECTION: ClassVar[str] = "trainer"
+    ENV_PREFIX: ClassVar[str] = "OPD_TRAINER_"
+
+    # --- model
+    model: str = opt("", "student: Hugging Face hub id or local path (also the start point of training)")
+    tokenizer: str = opt("", "tokenizer hub id or path (empty = the model's)")
+    device: str = opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda")
+    dtype: str = opt("float32", "parameter dtype: float32 or bfloat16 (loss maths is fp32 either way)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward (long contexts)")
+    max_seq_len: int = opt(16384, "longest prompt + completion trained on; longer completions are cut")
+    chunk_size: int = opt(1024, "positions per chunk in the LM-head kernels (trainer/heads.py)")
+    seed: int = opt(0, "seed for torch, numpy and python RNGs")
+
+    # --- data
+    redis_url: str = opt("redis://127.0.0.1:6379/0", "Redis holding the experience stream")
+    run: str = opt("default", "run name: the Redis keys are opd:<run>:...")
+    consumer: str = opt("trainer-0", "consumer name in group 'trainers'; keep it stable across restarts")
+    batch_size: int = opt(128, "sequences per batch (records are read whole until at least this many)")
+    mini_batch_size: int = opt(64, "sequences per optimizer step; a batch gives ceil(batch/mini) steps")
+    max_policy_lag: int = opt(1, "drop records with policy_version < current - max_policy_lag (counted)")
+    read_block_ms: int = opt(1000, "XREADGROUP block time per call, ms")
+    idle_timeout_s: float = opt(0.0, "stop when no experience arrives for this long (0 = wait forever)")
+    max_batches: int = opt(0, "stop after this many batches in total, resumes included (0 = no limit)")
+    claim_orphans_idle_ms: int = opt(
+        0,
+        "on start, XAUTOCLAIM entries other consumers left pending this long, ms (0 = off; see consumer.py)",
+    )
+
+    # --- objective
+    objective: str = opt("lsm", f"loss: one of {OBJECTIVES}")
+    support: str = opt("teacher_topk", f"lsm support variant: one of {SUPPORTS}")
+    top_k: int = opt(16, "support size K (the record must hold at least K teacher/behaviour ids)")
+    renormalize: bool = opt(True, "lsm: renormalise both distributions inside the support (off = ablation)")
+    gamma: float = opt(1.0, "objective 'gamma': discount of the return-to-go (0 = token-level OPD)")
+    clip_low: float = opt(0.2, "PPO ratio clip below 1 (sampled_token, gamma)")
+    clip_high: float = opt(0.2, "PPO ratio clip above 1 (sampled_token, gamma)")
+    special_token_masking: bool = opt(True, "drop positions whose sampled token is special, and special ids")
+    masked_token_ids: list[int] = opt([], "ids to mask (empty = the student tokenizer's special token ids)")
+
+    # --- optimizer
+    lr: float = opt(2e-6, "AdamW learning rate (constant)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.999, "AdamW beta2")
+    adam_eps: float = opt(1e-8, "AdamW epsilon")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = no clipping)")
+
+    # --- weight push
+    push_every: int = opt(1, "push weights and bump the policy version every N batches (0 = never)")
+    push_mode: str = opt("http", "http: PUT safetensors to each rollout; shared: write a file, POST its path")
+    rollout_urls: list[str] = opt([], "rollout services to push to (empty = only bump the version in Redis)")
+    shared_weights_dir: str = opt("", "push_mode=shared: directory the rollout services can read")
+    weights_token_file: str = opt(
+        "", f"file with the weight-update bearer token (default: env {WEIGHTS_TOKEN_ENV})"
+    )
+    push_timeout_s: float = opt(300.0, "HTTP timeout of one weight push or load")
+
+    # --- checkpoint
+    checkpoint_dir: str = opt("runs/trainer", "checkpoints and the commit log live here")
+    checkpoint_every: int = opt(
+        1, "checkpoint every N batches; entries are acked only after their checkpoint"
+    )
+    keep_checkpoints: int = opt(2, "how many checkpoints to keep")
+    resume: bool = opt(False, "continue from the latest checkpoint in checkpoint_dir")
+
+    # --- metrics
+    log_dir: str = opt("", "metrics.jsonl and TensorBoard events (empty = <checkpoint_dir>/logs)")
+    tensorboard: bool = opt(True, "also write TensorBoard events")
+    diagnostics_every: int = opt(1, "entropy / support-mass / gap diagnostics every N batches (0 = never)")
+    grad_variance_every: int = opt(0, "gradient-variance estimate every N batches (0 = never)")
+    grad_variance_micro: int = opt(4, "micro-batches M for the gradient-variance estimate")
+    progress: bool = opt(True, "show a rich progress bar")
+
+    # --- eval
+    eval_every: int = opt(0, "evaluate every N batches through the rollout service (0 = never)")
+    eval_file: str = opt("", "held-out prompts (JSONL/Parquet with `prompt` or `messages`, and `answer`)")
+    eval_url: str = opt("", "rollout service for eval (empty = the first of rollout_urls)")
+    eval_n: int = opt(1, "samples per prompt (avg@n)")
+    eval_greedy: bool = opt(True, "greedy decoding for pass@1 (top_p -> 0); off = sample at eval_top_p")
+    eval_temperature: float = opt(1.0, "eval sampling temperature")
+    eval_top_p: float = opt(0.9, "eval nucleus mass when sampling")
+    eval_max_new_tokens: int = opt(256, "eval completion length")
+    eval_max_prompts: int = opt(0, "evaluate only the first N prompts (0 = all)")
+    eval_verifier: str = opt("exact_match", f"answer checker: one of {VERIFIERS}")
+    eval_chat_template: bool = opt(False, "wrap `prompt` texts in the chat template")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("model: required (a hub id or a local path)")
+        if not self.run or ":" in self.run:
+            raise ConfigError(f"run: {self.run!r} must be non-empty without ':'")
+        if not self.consumer:
+            raise ConfigError("consumer: must be non-empty")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device: {self.device!r} is not one of {DEVICES}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective: {self.objective!r} is not one of {OBJECTIVES}")
+        if self.support not in SUPPORTS:
+            raise ConfigError(f"support: {self.support!r} is not one of {SUPPORTS}")
+        if self.push_mode not in PUSH_MODES:
+            raise ConfigError(f"push_mode: {self.push_mode!r} is not one of {PUSH_MODES}")
+        if self.eval_verifier not in VERIFIERS:
+            raise ConfigError(f"eval_verifier: {self.eval_verifier!r} is not one of {VERIFIERS}")
+        for name in (
+            "batch_size",
+            "mini_batch_size",
+            "top_k",
+            "chunk_size",
+            "max_seq_len",
+            "grad_variance_micro",
+            "keep_checkpoints",
+            "eval_n",
+            "eval_max_new_tokens",
+            "checkpoint_every",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: {getattr(self, name)} < 1")
+        for name in (
+            "max_policy_lag",
+            "push_every",
+            "max_batches",
+            "eval_every",
+            "diagnostics_every",
+            "grad_variance_every",
+            "read_block_ms",
+            "claim_orphans_idle_ms",
+            "eval_max_prompts",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: {getattr(self, name)} < 0")
+        if self.mini_batch_size > self.batch_size:
+            raise ConfigError(f"mini_batch_size: {self.mini_batch_size} > batch_size {self.batch_size}")
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ConfigError(f"gamma: {self.gamma} is outside [0, 1]")
+        if self.clip_low < 0 or self.clip_high < 0 or self.clip_low >= 1:
+            raise ConfigError(
+                f"clip_low/clip_high: ({self.clip_low}, {self.clip_high}) need 0 <= low < 1, high >= 0"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"lr: {self.lr} <= 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip: {self.grad_clip} < 0")
+        if self.idle_timeout_s < 0:
+            raise ConfigError(f"idle_timeout_s: {self.idle_timeout_s} < 0")
+        if self.push_mode == "shared" and self.rollout_urls and not self.shared_weights_dir:
+            raise ConfigError("shared_weights_dir: required with push_mode='shared' and rollout_urls")
+        if self.objective == "full_kl" and self.support != "teacher_topk":
+            raise ConfigError(
+                f"support: full_kl reads the teacher's ids as given; use teacher_topk, not {self.support!r}"
+            )
+        if self.eval_every and not self.eval_file:
+            raise ConfigError(f"eval_file: required with eval_every={self.eval_every}")
+        if self.eval_every and not (self.eval_url or self.rollout_urls):
+            raise ConfigError("eval_url: eval needs a rollout service (eval_url or rollout_urls)")
+        if self.weights_token_file and not Path(self.weights_token_file).is_file():
+            raise ConfigError(f"weights_token_file: {self.weights_token_file!r} is not a file")
+        if not 0.0 < self.eval_top_p <= 1.0 or self.eval_temperature <= 0:
+            raise ConfigError(
+                f"eval_top_p/eval_temperature: ({self.eval_top_p}, {self.eval_temperature}) invalid"
+            )
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps per batch: ceil(batch_size / mini_batch_size), whatever the batch's exact size."""
+        return -(-self.batch_size // self.mini_batch_size)
+
+    @property
+    def metrics_dir(self) -> Path:
+        return Path(self.log_dir) if self.log_dir else Path(self.checkpoint_dir) / "logs"
+
+    def resolve_token(self) -> str | None:
+        """The weight-update token: the first line of `weights_token_file`, else $OPD_WEIGHTS_TOKEN."""
+        if self.weights_token_file:
+            return Path(self.weights_token_file).read_text().strip() or None
+        return os.environ.get(WEIGHTS_TOKEN_ENV) or None

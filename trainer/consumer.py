@@ -1,0 +1,221 @@
+"""Reading experience from the Redis stream `opd:<run>:experience` as consumer group "trainers".
+
+`StreamConsumer` is the Redis side: XREADGROUP of new entries, recovery of this consumer's pending entries
+after a restart, dead-lettering, and XACK + XDEL (one MULTI transaction, so an entry is never acked without
+being deleted or the reverse). `ExperienceReader` turns entries into batches: decode, check, drop stale
+records, and stop once the batch holds at least `batch_size` sequences.
+
+Acknowledgement policy (exactly-once, trainer/checkpoint.py): entries used by a batch (trained or dropped as
+stale) are acked only after the checkpoint that lists them is committed. Entries that cannot be decoded or
+used are moved to the dead-letter stream `opd:<run>:dead` with the reason, in the same transaction as their
+ack + delete.
+
+Recovery: the consumer name is stable across restarts, so the entries this trainer had read but not acked
+are still in its pending list; `pending()` reads them back (XREADGROUP from id 0, the consumer's own
+history). `claim_orphans(min_idle_ms)` additionally takes over (XAUTOCLAIM) entries other consumer names left
+pending for that long, for a trainer renamed after a crash; it is off by default because a live consumer's
+in-flight entries must not be stolen.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import redis
+
+from services.common import redis_keys
+from services.common.experience import ExperienceDecodeError, ExperienceRecord, decode
+from trainer.data import RecordError, is_stale
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stream entry: its id and the `rec` field (None when the entry has no such field or was deleted)."""
+
+    entry_id: str
+    data: bytes | None
+
+
+def _entries(raw: list) -> list[Entry]:
+    out = []
+    for entry_id, fields in raw:
+        eid = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        out.append(Entry(eid, (fields or {}).get(redis_keys.RECORD_FIELD)))
+    return out
+
+
+class StreamConsumer:
+    """This trainer's view of the experience stream in group `trainers`."""
+
+    def __init__(self, client: redis.Redis, run: str, consumer: str) -> None:
+        self.client = client
+        self.run = run
+        self.consumer = consumer
+        self.stream = redis_keys.experience_stream(run)
+        self.dead_stream = redis_keys.dead_letter_stream(run)
+        redis_keys.ensure_group(client, run)
+
+    def read(self, count: int, block_ms: int) -> list[Entry]:
+        """Up to `count` entries never delivered to the group, waiting up to `block_ms` for the first."""
+        resp = self.client.xreadgroup(
+            redis_keys.CONSUMER_GROUP, self.consumer, {self.stream: ">"}, count=count, block=block_ms or None
+        )
+        return _entries(resp[0][1]) if resp else []
+
+    def pending(self, page: int = 256) -> list[Entry]:
+        """Every entry delivered to this consumer and not yet acked, in stream order."""
+        out: list[Entry] = []
+        last = "0"
+        while True:
+            resp = self.client.xreadgroup(
+                redis_keys.CONSUMER_GROUP, self.consumer, {self.stream: last}, count=page
+            )
+            batch = _entries(resp[0][1]) if resp else []
+            if not batch:
+                return out
+            out.extend(batch)
+            last = batch[-1].entry_id
+
+    def claim_orphans(self, min_idle_ms: int, page: int = 256) -> list[Entry]:
+        """XAUTOCLAIM entries pending in the group for >= min_idle_ms under any consumer name."""
+        out: list[Entry] = []
+        start = "0-0"
+        while True:
+            resp = self.client.xautoclaim(
+                self.stream, redis_keys.CONSUMER_GROUP, self.consumer, min_idle_ms, start_id=start, count=page
+            )
+            nxt, claimed = resp[0], resp[1]
+            out.extend(_entries(claimed))
+            start = nxt.decode() if isinstance(nxt, bytes) else str(nxt)
+            if start == "0-0":
+                return out
+
+    def ack_delete(self, entry_ids: list[str]) -> None:
+        """XACK + XDEL in one transaction."""
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.stream, redis_keys.CONSUMER_GROUP, *entry_ids)
+        pipe.xdel(self.stream, *entry_ids)
+        pipe.execute()
+
+    def dead_letter(self, entry: Entry, reason: str) -> None:
+        """Copy the entry with its reason to `opd:<run>:dead`, then ack + delete it (one transaction)."""
+        log.warning("dead-lettering entry %s: %s", entry.entry_id, reason)
+        fields = {
+            "entry_id": entry.entry_id,
+            "reason": reason,
+            "consumer": self.consumer,
+            "time": repr(time.time()),
+        }
+        if entry.data is not None:
+            fields["rec"] = entry.data
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xadd(self.dead_stream, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+        pipe.xack(self.stream, redis_keys.CONSUMER_GROUP, entry.entry_id)
+        pipe.xdel(self.stream, entry.entry_id)
+        pipe.execute()
+
+    def backlog(self) -> int:
+        """Entries in the stream (delivered-but-unacked ones included): what the workers' max_backlog sees."""
+        return int(self.client.xlen(self.stream))
+
+
+@dataclass
+class BatchRead:
+    """What `ExperienceReader.next_batch` consumed for one batch."""
+
+    records: list[tuple[Entry, ExperienceRecord]] = field(default_factory=list)
+    stale: list[tuple[Entry, str]] = field(default_factory=list)  # (entry, record id)
+    dead: int = 0
+    complete: bool = False  # False: stopped (idle timeout or stop request) before batch_size sequences
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(len(rec.samples) for _, rec in self.records)
+
+
+class ExperienceReader:
+    """Assembles batches of whole records from the stream; recovered entries come first, in stream order."""
+
+    def __init__(
+        self,
+        consumer: StreamConsumer,
+        check: Callable[[ExperienceRecord], None],
+        *,
+        batch_size: int,
+        max_policy_lag: int,
+        read_block_ms: int = 1000,
+        idle_timeout_s: float = 0.0,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self.consumer = consumer
+        self.check = check
+        self.batch_size = batch_size
+        self.max_policy_lag = max_policy_lag
+        self.read_block_ms = read_block_ms
+        self.idle_timeout_s = idle_timeout_s
+        self.should_stop = should_stop
+        self._queue: deque[Entry] = deque()
+        self.dead_total = 0
+
+    def requeue(self, entries: list[Entry]) -> None:
+        """Entries to consider before any new one (recovered pending entries, or a partial batch)."""
+        self._queue.extendleft(reversed(entries))
+
+    def _classify(self, entry: Entry, current_version: int, out: BatchRead) -> None:
+        if entry.data is None:
+            self.consumer.dead_letter(entry, "entry has no 'rec' field (or was deleted)")
+            out.dead += 1
+            return
+        try:
+            rec = decode(entry.data)
+            self.check(rec)
+        except (ExperienceDecodeError, RecordError) as e:
+            self.consumer.dead_letter(entry, f"{type(e).__name__}: {e}")
+            out.dead += 1
+            return
+        if is_stale(rec.policy_version, current_version, self.max_policy_lag):
+            out.stale.append((entry, rec.record_id))
+        else:
+            out.records.append((entry, rec))
+
+    def next_batch(self, current_version: int) -> BatchRead:
+        """Read until the batch holds >= batch_size sequences (complete), or until idle/stop (incomplete).
+
+        An incomplete batch's usable records are requeued (they stay pending in Redis); its stale entries
+        are returned so that the caller can commit them.
+        """
+        out = BatchRead()
+        last_arrival = time.monotonic()
+        while out.num_sequences < self.batch_size and not self.should_stop():
+            if self._queue:
+                self._classify(self._queue.popleft(), current_version, out)
+                continue
+            # Records are whole prompts of G samples: ask for about as many as still fit (one while G is
+            # unknown), so that little is read ahead of the batch.
+            want = 1
+            if out.records:
+                per_record = max(1, out.num_sequences // len(out.records))
+                want = max(1, -(-(self.batch_size - out.num_sequences) // per_record))
+            entries = self.consumer.read(want, self.read_block_ms)
+            if entries:
+                last_arrival = time.monotonic()
+                self._queue.extend(entries)
+            elif self.idle_timeout_s and time.monotonic() - last_arrival >= self.idle_timeout_s:
+                break
+        self.dead_total += out.dead
+        if out.num_sequences >= self.batch_size:
+            out.complete = True
+        else:
+            self.requeue([e for e, _ in out.records])
+            out.records = []
+        return out

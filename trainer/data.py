@@ -1,0 +1,254 @@
+"""Experience records -> padded training tensors, the staleness rule, and the support of each variant.
+
+A record (one stream entry) holds the G samples of one prompt; a *sequence* is one of those samples with its
+prompt. `collate` pads a list of sequences into a `MiniBatch`:
+
+    input_ids_B_S        prompt + completion, right-padded (S = longest prompt + completion)
+    positions_B_T        index into S of the hidden state that predicts completion token t (P - 1 + t)
+    valid_B_T            a completion token exists at t (T = longest completion)
+    token_mask_B_T       it counts in the loss: valid, not an environment position, not a masked special token
+    support_*_B_T_K      the support S_t: ids, the teacher's log q at them, and which slots count
+
+Support variants (DESIGN.md section 1):
+    teacher_topk               the first K of the teacher's top-K ids (sorted by descending log q)
+    student_topk               the behaviour policy's top-K ids; log q at them from the teacher's candidates
+    teacher_topk_plus_sampled  teacher top-K plus the sampled token, deduplicated (K + 1 slots)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from services.common.experience import ExperienceRecord, SampleRecord
+from trainer import losses
+
+
+class RecordError(ValueError):
+    """A well-formed record this trainer cannot use (too few ids for K, ids outside the vocabulary, ...)."""
+
+
+def is_stale(record_version: int, current_version: int, max_policy_lag: int) -> bool:
+    """A record is stale when the policy that produced it is more than `max_policy_lag` versions old."""
+    return record_version < current_version - max_policy_lag
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    """One sample of a record, with the record's prompt."""
+
+    prompt_ids: np.ndarray  # int32 [P]
+    sample: SampleRecord
+    policy_version: int
+    record_id: str
+
+
+def sequences_of(records: Seq[ExperienceRecord]) -> list[TrainSequence]:
+    """Flatten records into sequences, in record order then sample order."""
+    return [
+        TrainSequence(rec.prompt_ids, s, rec.policy_version, rec.record_id)
+        for rec in records
+        for s in rec.samples
+    ]
+
+
+def split_even(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) bounds of `parts` contiguous near-equal pieces of range(n) (the first ones larger)."""
+    base, extra = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        end = start + base + (1 if i < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+def _candidate_lookup(
+    support_ids_L_K: np.ndarray, cand_ids_L_C: np.ndarray, cand_lp_L_C: np.ndarray
+) -> np.ndarray:
+    """Teacher log q at each support id, found among the candidates of the same row; NaN where absent."""
+    match_L_K_C = support_ids_L_K[:, :, None] == cand_ids_L_C[:, None, :]
+    found_L_K = match_L_K_C.any(-1)
+    idx_L_K = match_L_K_C.argmax(-1)
+    out = np.take_along_axis(cand_lp_L_C, idx_L_K, axis=1)
+    return np.where(found_L_K, out, np.nan).astype(np.float32)
+
+
+def check_record(
+    rec: ExperienceRecord,
+    *,
+    support: str,
+    top_k: int,
+    vocab_size: int,
+    max_seq_len: int,
+    full_vocab: bool = False,
+) -> None:
+    """Raise RecordError (the reason names the sample and field) if `rec` cannot be trained on as configured.
+
+    `decode` already checked shapes; this checks what depends on the trainer: enough support ids, ids inside
+    the student's vocabulary, finite log-probabilities, a prompt that leaves room for a completion.
+    `full_vocab` (objective full_kl) also requires each row's teacher ids to be the whole vocabulary with
+    finite log-probabilities.
+    """
+    P = len(rec.prompt_ids)
+    if P == 0:
+        raise RecordError("empty prompt")
+    if P >= max_seq_len:
+        raise RecordError(f"prompt of {P} tokens leaves no room under max_seq_len={max_seq_len}")
+    if rec.prompt_ids.min() < 0 or rec.prompt_ids.max() >= vocab_size:
+        raise RecordError(f"prompt ids outside [0, {vocab_size})")
+    for i, s in enumerate(rec.samples):
+        where = f"sample {i}"
+        if s.completion_ids.min() < 0 or s.completion_ids.max() >= vocab_size:
+            raise RecordError(f"{where}: completion ids outside [0, {vocab_size})")
+        for name in ("behaviour_logprobs", "teacher_target_logprobs"):
+            if not np.isfinite(getattr(s, name)).all():
+                raise RecordError(f"{where}: {name} not finite")
+        # log_softmax rounding can leave a log-probability a hair above 0; more than that is not one
+        if np.isnan(s.teacher_topk_logprobs).any() or (s.teacher_topk_logprobs > 1e-4).any():
+            raise RecordError(f"{where}: teacher top-k logprobs NaN or > 0")
+        if full_vocab:
+            ids = s.teacher_topk_ids[:, :top_k]
+            if top_k != vocab_size or not (np.sort(ids, axis=1) == np.arange(vocab_size)).all():
+                raise RecordError(
+                    f"{where}: full_kl needs every row's teacher ids to cover the {vocab_size} ids"
+                )
+            if not np.isfinite(s.teacher_topk_logprobs[:, :top_k]).all():
+                raise RecordError(f"{where}: full_kl needs finite teacher logprobs")
+        if support == "student_topk":
+            if s.behaviour_top_ids is None or s.behaviour_top_ids.shape[1] < top_k:
+                have = 0 if s.behaviour_top_ids is None else s.behaviour_top_ids.shape[1]
+                raise RecordError(f"{where}: student_topk needs {top_k} behaviour top ids, record has {have}")
+            if s.teacher_candidate_ids is None:
+                raise RecordError(f"{where}: student_topk needs the teacher's candidate logprobs")
+            ids = s.behaviour_top_ids[:, :top_k]
+            if ids.min() < 0 or ids.max() >= vocab_size:
+                raise RecordError(f"{where}: behaviour top ids outside [0, {vocab_size})")
+            lp = _candidate_lookup(ids, s.teacher_candidate_ids, s.teacher_candidate_logprobs)
+            if np.isnan(lp).any():
+                raise RecordError(f"{where}: a behaviour top id has no teacher candidate logprob")
+        else:
+            k = s.teacher_topk_ids.shape[1]
+            if k < top_k:
+                raise RecordError(f"{where}: teacher top-k has {k} ids, the trainer needs top_k={top_k}")
+            ids = s.teacher_topk_ids[:, :top_k]
+            if ids.min() < 0 or ids.max() >= vocab_size:
+                raise RecordError(f"{where}: teacher top-k ids outside [0, {vocab_size})")
+
+
+@dataclass
+class MiniBatch:
+    """Padded tensors of B sequences; see the module docstring for each field."""
+
+    input_ids_B_S: Tensor  # int64
+    attention_mask_B_S: Tensor  # int64
+    positions_B_T: Tensor  # int64
+    valid_B_T: Tensor  # bool
+    token_mask_B_T: Tensor  # bool
+    sampled_ids_B_T: Tensor  # int64, y_t
+    behaviour_logprobs_B_T: Tensor  # float32, log pi_old(y_t)
+    teacher_logprobs_B_T: Tensor  # float32, log q(y_t)
+    support_ids_B_T_K: Tensor  # int64
+    support_teacher_logprobs_B_T_K: Tensor  # float32
+    support_mask_B_T_K: Tensor  # bool
+    policy_versions_B: Tensor  # int64
+
+    def to(self, device: torch.device | str) -> MiniBatch:
+        return MiniBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def rows(self, start: int, end: int) -> MiniBatch:
+        """Sequences [start, end) (padding is kept; it is masked)."""
+        return MiniBatch(**{f.name: getattr(self, f.name)[start:end] for f in fields(self)})
+
+    @property
+    def num_sequences(self) -> int:
+        return int(self.input_ids_B_S.shape[0])
+
+    @property
+    def num_loss_tokens(self) -> int:
+        return int(self.token_mask_B_T.sum())
+
+
+def collate(
+    seqs: Seq[TrainSequence],
+    *,
+    support: str,
+    top_k: int,
+    max_seq_len: int,
+    masked_ids: Tensor | None = None,
+) -> MiniBatch:
+    """Pad `seqs` into a MiniBatch; completions longer than `max_seq_len - P` are cut.
+
+    `masked_ids` (int64 [M]) turns on special-token masking: positions whose sampled token is in it leave
+    the loss, and those ids leave every support. Records are assumed to have passed `check_record`.
+    """
+    if not seqs:
+        raise ValueError("collate: no sequences")
+    B = len(seqs)
+    P_B = [len(s.prompt_ids) for s in seqs]
+    L_B = [min(len(s.sample), max_seq_len - p) for s, p in zip(seqs, P_B, strict=True)]
+    S, T = max(p + n for p, n in zip(P_B, L_B, strict=True)), max(L_B)
+    K = top_k
+
+    input_ids = np.zeros((B, S), np.int64)
+    attention = np.zeros((B, S), np.int64)
+    positions = np.zeros((B, T), np.int64)
+    valid = np.zeros((B, T), bool)
+    env = np.zeros((B, T), bool)
+    sampled = np.zeros((B, T), np.int64)
+    behaviour = np.zeros((B, T), np.float32)
+    teacher = np.zeros((B, T), np.float32)
+    sup_ids = np.zeros((B, T, K), np.int64)
+    sup_lp = np.zeros((B, T, K), np.float32)
+    for b, (seq, P, L) in enumerate(zip(seqs, P_B, L_B, strict=True)):
+        s = seq.sample
+        input_ids[b, :P] = seq.prompt_ids
+        input_ids[b, P : P + L] = s.completion_ids[:L]
+        attention[b, : P + L] = 1
+        positions[b, :L] = np.arange(P - 1, P - 1 + L)  # hidden state at P-1+t predicts completion token t
+        valid[b, :L] = True
+        env_pos = s.env_positions[s.env_positions < L]
+        env[b, env_pos] = True
+        sampled[b, :L] = s.completion_ids[:L]
+        behaviour[b, :L] = s.behaviour_logprobs[:L]
+        teacher[b, :L] = s.teacher_target_logprobs[:L]
+        if support == "student_topk":
+            ids = s.behaviour_top_ids[:L, :K]
+            sup_ids[b, :L] = ids
+            sup_lp[b, :L] = _candidate_lookup(
+                ids, s.teacher_candidate_ids[:L], s.teacher_candidate_logprobs[:L]
+            )
+        else:
+            sup_ids[b, :L] = s.teacher_topk_ids[:L, :K]
+            sup_lp[b, :L] = s.teacher_topk_logprobs[:L, :K]
+
+    valid_t = torch.from_numpy(valid)
+    token_mask = valid_t & ~torch.from_numpy(env)
+    sampled_t = torch.from_numpy(sampled)
+    ids_t, lp_t = torch.from_numpy(sup_ids), torch.from_numpy(sup_lp)
+    mask_t = valid_t[:, :, None].expand(B, T, K).clone()
+    if support == "teacher_topk_plus_sampled":
+        ids_t, lp_t, mask_t = losses.add_sampled_token(
+            ids_t, lp_t, mask_t, sampled_t, torch.from_numpy(teacher)
+        )
+        mask_t &= valid_t[:, :, None]
+    if masked_ids is not None:
+        token_mask, mask_t = losses.special_token_mask(sampled_t, token_mask, ids_t, mask_t, masked_ids)
+    return MiniBatch(
+        input_ids_B_S=torch.from_numpy(input_ids),
+        attention_mask_B_S=torch.from_numpy(attention),
+        positions_B_T=torch.from_numpy(positions),
+        valid_B_T=valid_t,
+        token_mask_B_T=token_mask,
+        sampled_ids_B_T=sampled_t,
+        behaviour_logprobs_B_T=torch.from_numpy(behaviour),
+        teacher_logprobs_B_T=torch.from_numpy(teacher),
+        support_ids_B_T_K=ids_t.long(),
+        support_teacher_logprobs_B_T_K=lp_t.float(),
+        support_mask_B_T_K=mask_t,
+        policy_versions_B=torch.tensor([s.policy_version for s in seqs], dtype=torch.int64),
+    )

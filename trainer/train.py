@@ -1,0 +1,527 @@
+"""`opd train`: the trainer driver, top to bottom.
+
+    setup      config, process group, student + tokenizer, optimizer, resume from the newest checkpoint
+    recover    (rank 0) this consumer's pending entries: ack those the commit log holds, retrain the rest
+    loop       read a batch -> broadcast it -> mini-batch steps -> version++ if a push is due
+               -> checkpoint (commit log, then rename) -> XACK+XDEL -> push weights -> eval -> metrics
+    finish     checkpoint what is left, commit trailing stale drops, close
+
+The order inside the loop is what makes consumption exactly-once (trainer/checkpoint.py): entries are
+acked only after the checkpoint listing them is on disk, and weights are pushed only after the checkpoint
+that holds their version, so a restarted trainer never pushes a version twice (trainer/weight_sync.py).
+
+Data parallel: `torchrun --nproc-per-node N opd train ...`; see trainer/dist.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from services.common import redis_keys
+from services.common.config import ConfigError, parse_config, to_dict
+from services.common.experience import ExperienceRecord, decode
+from services.common.logs import setup_logging
+from trainer import checkpoint as ckpt
+from trainer import dist
+from trainer.config import TrainerConfig
+from trainer.consumer import BatchRead, ExperienceReader, StreamConsumer
+from trainer.data import check_record, collate, sequences_of, split_even
+from trainer.metrics import MetricsWriter, mean_metrics
+from trainer.objective import compute_objective, lm_head_gradient_variance
+
+log = logging.getLogger("trainer")
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def load_student(cfg: TrainerConfig, device: torch.device) -> tuple[nn.Module, Any]:
+    """The student (any causal LM id or path) in training mode on `device`, and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy import
+
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    return model, tokenizer
+
+
+def vocab_size_of(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def masked_ids_of(cfg: TrainerConfig, tokenizer: Any) -> torch.Tensor | None:
+    """Ids for special-token masking: the configured set, else the student tokenizer's special ids."""
+    if not cfg.special_token_masking:
+        return None
+    ids = cfg.masked_token_ids or sorted(set(tokenizer.all_special_ids))
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def check_setup(cfg: TrainerConfig, vocab_size: int, world_size: int) -> None:
+    """Config errors that need the model or the process count."""
+    if cfg.objective == "full_kl":
+        if cfg.top_k != vocab_size:
+            raise ConfigError(
+                f"objective full_kl is the exact reverse KL and needs the teacher's whole distribution: top_k must "
+                f"equal the vocabulary size {vocab_size} (got {cfg.top_k}); with a top-K teacher use objective lsm"
+            )
+        if cfg.support != "teacher_topk":
+            raise ConfigError(
+                f"objective full_kl uses the teacher's ids as given; support must be teacher_topk, "
+                f"got {cfg.support!r}"
+            )
+    if cfg.batch_size // cfg.steps_per_batch < world_size:
+        raise ConfigError(
+            f"mini-batches of {cfg.batch_size // cfg.steps_per_batch} sequences cannot feed "
+            f"{world_size} ranks: raise mini_batch_size"
+        )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------- one batch
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that the time/* breakdown charges each phase its own kernels."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_batch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    records: list[ExperienceRecord],
+    cfg: TrainerConfig,
+    ctx: dist.DistContext,
+    masked_ids: torch.Tensor | None,
+    *,
+    with_diagnostics: bool = False,
+    with_grad_variance: bool = False,
+) -> dict[str, float]:
+    """One batch: cfg.steps_per_batch mini-batches, one optimizer step each; returns the batch's metrics.
+
+    Each mini-batch is split into contiguous shards, one per rank; a shard's loss is divided by the
+    mini-batch's global token count and gradients are summed over ranks (trainer/dist.py).
+    """
+    seqs = sequences_of(records)
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_step: list[dict[str, float]] = []
+    t_collate = t_loss = t_optim = 0.0
+    tokens = 0
+    for step_i, (s, e) in enumerate(split_even(len(seqs), cfg.steps_per_batch)):
+        tc = time.perf_counter()
+        rs, re = split_even(e - s, ctx.world_size)[ctx.rank]
+        shard = collate(
+            seqs[s + rs : s + re],
+            support=cfg.support,
+            top_k=cfg.top_k,
+            max_seq_len=cfg.max_seq_len,
+            masked_ids=masked_ids,
+        ).to(ctx.device)
+        local_tokens = shard.num_loss_tokens
+        (global_tokens,) = dist.all_reduce_sum(ctx, [float(local_tokens)])
+        tokens += int(global_tokens)
+
+        t0 = time.perf_counter()
+        t_collate += t0 - tc
+        extra: dict[str, float] = {}
+        if with_grad_variance and step_i == 0 and ctx.is_main:
+            extra = lm_head_gradient_variance(model, shard, cfg, cfg.grad_variance_micro)
+        optimizer.zero_grad(set_to_none=True)
+        loss, metrics = compute_objective(
+            model, shard, cfg, denom_tokens=global_tokens, with_diagnostics=with_diagnostics
+        )
+        loss.backward()
+        _sync(ctx.device)
+        t1 = time.perf_counter()
+        dist.all_reduce_gradients(ctx, model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        optimizer.step()
+        _sync(ctx.device)
+        t2 = time.perf_counter()
+        t_loss, t_optim = t_loss + t1 - t0, t_optim + t2 - t1
+
+        metrics = dist.reduce_metrics(ctx, metrics, float(local_tokens))
+        metrics["grad/norm"] = float(grad_norm)
+        metrics.update(extra)
+        per_step.append(metrics)
+    out = mean_metrics(per_step)
+    out.update(
+        {
+            "time/collate": t_collate,
+            "time/loss": t_loss,
+            "time/optim": t_optim,
+            "train/tokens": float(tokens),
+            "train/sequences": float(len(seqs)),
+            "response/length": sum(len(sq.sample) for sq in seqs) / len(seqs),
+        }
+    )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ loop
+
+
+@dataclass
+class RankZero:
+    """What only rank 0 holds: Redis, the reader, the pusher, the metrics writer, eval."""
+
+    consumer: StreamConsumer
+    reader: ExperienceReader
+    sync: Any  # WeightSync | None
+    writer: MetricsWriter
+    eval_client: Any = None
+    eval_prompts: list = field(default_factory=list)
+    verifier: Any = None
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: finish the current batch, checkpoint, exit."""
+
+    def __init__(self) -> None:
+        self.stop = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        log.warning("signal %d: stopping after this batch", signum)
+        self.stop = True
+
+
+def _commit_line(state: ckpt.TrainState, read: BatchRead) -> dict[str, Any]:
+    return {
+        "batch": state.batch,
+        "step": state.step,
+        "policy_version": state.policy_version,
+        "entries": [e.entry_id for e, _ in read.records],
+        "records": [r.record_id for _, r in read.records],
+        "stale_entries": [e.entry_id for e, _ in read.stale],
+        "stale_records": [rid for _, rid in read.stale],
+    }
+
+
+def _entries_of(lines: list[dict[str, Any]]) -> list[str]:
+    return [e for line in lines for e in line["entries"] + line["stale_entries"]]
+
+
+def run(cfg: TrainerConfig, stop: StopFlag | None = None) -> ckpt.TrainState:
+    """Train until max_batches, an idle timeout, or `stop` is set; returns the final state."""
+    ctx = dist.init_distributed(cfg.device)
+    try:
+        return _run(cfg, ctx, stop or StopFlag())
+    finally:
+        dist.shutdown(ctx)
+
+
+def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.TrainState:
+    seed_everything(cfg.seed)
+    model, tokenizer = load_student(cfg, ctx.device)
+    vocab_size = vocab_size_of(model)
+    check_setup(cfg, vocab_size, ctx.world_size)
+    masked_ids = masked_ids_of(cfg, tokenizer)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+    # Resume: every rank loads the same checkpoint; a fresh start refuses a directory with history in it.
+    if not cfg.resume and (
+        ckpt.list_checkpoints(cfg.checkpoint_dir) or ckpt.read_commit_log(cfg.checkpoint_dir)
+    ):
+        raise ConfigError(
+            f"checkpoint_dir {cfg.checkpoint_dir!r} holds a previous run: pass --resume or use a "
+            "new directory"
+        )
+    loaded = ckpt.load_latest(cfg.checkpoint_dir, model, optimizer) if cfg.resume else None
+    state = loaded.state if loaded else ckpt.TrainState()
+    state.consumer = cfg.consumer
+    if (
+        loaded
+    ):  # the commit log is the record of stale drops (trailing ones are committed after the checkpoint)
+        state.dropped_stale = sum(len(line["stale_entries"]) for line in loaded.commits)
+    if loaded and loaded.path:
+        log.info(
+            "resumed from %s: batch %d, step %d, policy version %d",
+            loaded.path,
+            state.batch,
+            state.step,
+            state.policy_version,
+        )
+    dist.broadcast_parameters(ctx, model)
+
+    r0: RankZero | None = None
+    if ctx.is_main:
+        r0 = _setup_rank_zero(cfg, model, tokenizer, state, loaded, vocab_size, stop)
+
+    pending_commits: list[dict[str, Any]] = []
+    progress = Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        disable=not (cfg.progress and ctx.is_main),
+    )
+    task = progress.add_task("", total=cfg.max_batches or None, completed=state.batch)
+    trailing_stale: BatchRead | None = None
+    with progress:
+        while not (cfg.max_batches and state.batch >= cfg.max_batches):
+            # --- read (rank 0) and broadcast the kept records' raw bytes
+            t0 = time.perf_counter()
+            read: BatchRead | None = None
+            blobs: list[bytes] | None = None
+            if r0 is not None:
+                read = r0.reader.next_batch(state.policy_version)
+                if read.complete:
+                    blobs = [e.data for e, _ in read.records]
+                else:
+                    trailing_stale = read
+            blobs = dist.broadcast_blobs(ctx, blobs)
+            if blobs is None:
+                break
+            records = [r for _, r in read.records] if read is not None else [decode(b) for b in blobs]
+            lag = sum(state.policy_version - r.policy_version for r in records) / len(records)
+            t_read = time.perf_counter() - t0
+
+            # --- train
+            diag = bool(cfg.diagnostics_every) and (state.batch + 1) % cfg.diagnostics_every == 0
+            gvar = bool(cfg.grad_variance_every) and (state.batch + 1) % cfg.grad_variance_every == 0
+            metrics = train_batch(
+                model,
+                optimizer,
+                records,
+                cfg,
+                ctx,
+                masked_ids,
+                with_diagnostics=diag,
+                with_grad_variance=gvar,
+            )
+            state.batch += 1
+            state.step += cfg.steps_per_batch
+            state.records_trained += len(records)
+            state.sequences_trained += int(metrics["train/sequences"])
+            state.tokens_trained += int(metrics["train/tokens"])
+            push_due = bool(cfg.push_every) and state.batch % cfg.push_every == 0
+            if push_due:
+                state.policy_version += 1
+            if r0 is None:
+                continue
+
+            # --- commit: checkpoint (commit point), then ack + delete, then push
+            assert read is not None
+            state.dropped_stale += len(read.stale)
+            state.dead = r0.reader.dead_total
+            pending_commits.append(_commit_line(state, read))
+            t_ckpt = 0.0
+            if state.batch % cfg.checkpoint_every == 0:
+                t_ckpt = _checkpoint(cfg, model, optimizer, state, pending_commits, r0)
+                pending_commits = []
+            t_push = r0.sync.push(model, state.policy_version) if push_due and r0.sync else 0.0
+            metrics.update(_eval(cfg, state, r0, tokenizer))
+
+            wall = time.perf_counter() - t0
+            metrics.update(
+                {
+                    "time/read": t_read,
+                    "time/push": t_push,
+                    "time/checkpoint": t_ckpt,
+                    "time/batch": wall,
+                    "perf/tokens_per_s": metrics["train/tokens"] / wall,
+                    "queue/backlog": float(r0.consumer.backlog()),
+                    "queue/dropped_stale": float(state.dropped_stale),
+                    "queue/dead": float(state.dead),
+                    "rollout/policy_lag": lag,
+                    "train/policy_version": float(state.policy_version),
+                }
+            )
+            r0.writer.write(state.batch, state.step, metrics)
+            loss_key = next((k for k in metrics if k.startswith("loss/")), "")
+            progress.update(
+                task, completed=state.batch, description=f"{loss_key} {metrics.get(loss_key, 0):.4f}"
+            )
+            log.info(
+                "batch %d step %d v%d %s=%.5f tok/s=%.0f stale=%d",
+                state.batch,
+                state.step,
+                state.policy_version,
+                loss_key,
+                metrics.get(loss_key, float("nan")),
+                metrics["perf/tokens_per_s"],
+                state.dropped_stale,
+            )
+
+    if r0 is not None:
+        if pending_commits:
+            _checkpoint(cfg, model, optimizer, state, pending_commits, r0)
+        if trailing_stale is not None and trailing_stale.stale:
+            # Stale drops change no weights: their commit line needs no new checkpoint, only durability.
+            state.dropped_stale += len(trailing_stale.stale)
+            line = _commit_line(state, BatchRead(stale=trailing_stale.stale))
+            ckpt.append_commits(cfg.checkpoint_dir, [line])
+            r0.consumer.ack_delete(_entries_of([line]))
+        r0.writer.close()
+        if r0.sync:
+            r0.sync.close()
+        log.info(
+            "stopped at batch %d, step %d, policy version %d", state.batch, state.step, state.policy_version
+        )
+    return state
+
+
+def _setup_rank_zero(
+    cfg: TrainerConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    state: ckpt.TrainState,
+    loaded: ckpt.Loaded | None,
+    vocab_size: int,
+    stop: StopFlag,
+) -> RankZero:
+    client = redis_keys.connect(cfg.redis_url)
+    consumer = StreamConsumer(client, cfg.run, cfg.consumer)
+
+    def check(rec: ExperienceRecord) -> None:
+        check_record(
+            rec,
+            support=cfg.support,
+            top_k=cfg.top_k,
+            vocab_size=vocab_size,
+            max_seq_len=cfg.max_seq_len,
+            full_vocab=cfg.objective == "full_kl",
+        )
+
+    reader = ExperienceReader(
+        consumer,
+        check,
+        batch_size=cfg.batch_size,
+        max_policy_lag=cfg.max_policy_lag,
+        read_block_ms=cfg.read_block_ms,
+        idle_timeout_s=cfg.idle_timeout_s,
+        should_stop=lambda: stop.stop,
+    )
+    # Recover: entries this consumer read before a restart. Committed ones are only acked.
+    pending = consumer.pending()
+    if cfg.claim_orphans_idle_ms:
+        seen = {e.entry_id for e in pending}
+        pending += [e for e in consumer.claim_orphans(cfg.claim_orphans_idle_ms) if e.entry_id not in seen]
+        pending.sort(key=lambda e: tuple(int(x) for x in e.entry_id.split("-")))
+    committed = loaded.committed_entries if loaded else set()
+    done = [e.entry_id for e in pending if e.entry_id in committed]
+    consumer.ack_delete(done)
+    reader.requeue([e for e in pending if e.entry_id not in committed])
+    if pending:
+        log.info(
+            "recovered %d pending entries: %d already committed (acked now), %d to train",
+            len(pending),
+            len(done),
+            len(pending) - len(done),
+        )
+
+    sync = None
+    if cfg.push_every:
+        from trainer.weight_sync import WeightSync
+
+        sync = WeightSync(
+            client,
+            cfg.run,
+            cfg.rollout_urls,
+            mode=cfg.push_mode,
+            shared_dir=cfg.shared_weights_dir,
+            token=cfg.resolve_token(),
+            timeout_s=cfg.push_timeout_s,
+        )
+        state.policy_version = sync.reconcile(model, state.policy_version)
+
+    r0 = RankZero(
+        consumer=consumer,
+        reader=reader,
+        sync=sync,
+        writer=MetricsWriter(cfg.metrics_dir, tensorboard=cfg.tensorboard),
+    )
+    if cfg.eval_every:
+        from services.rollout.client import RolloutClient
+        from trainer.eval import load_eval_prompts, resolve_verifier
+
+        r0.eval_client = RolloutClient(cfg.eval_url or cfg.rollout_urls[0], timeout_s=cfg.push_timeout_s)
+        r0.eval_prompts = load_eval_prompts(cfg.eval_file, tokenizer, cfg.eval_max_prompts)
+        r0.verifier = resolve_verifier(cfg.eval_verifier)
+    return r0
+
+
+def _checkpoint(
+    cfg: TrainerConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: ckpt.TrainState,
+    lines: list[dict[str, Any]],
+    r0: RankZero,
+) -> float:
+    t0 = time.perf_counter()
+    ckpt.save_checkpoint(
+        cfg.checkpoint_dir,
+        model,
+        optimizer,
+        state,
+        lines,
+        keep=cfg.keep_checkpoints,
+        extra={"config": to_dict(cfg)},
+    )
+    r0.consumer.ack_delete(_entries_of(lines))
+    return time.perf_counter() - t0
+
+
+def _eval(cfg: TrainerConfig, state: ckpt.TrainState, r0: RankZero, tokenizer: Any) -> dict[str, float]:
+    if not cfg.eval_every or state.batch % cfg.eval_every:
+        return {}
+    from trainer.eval import EvalSettings, evaluate
+
+    settings = EvalSettings(
+        n=cfg.eval_n,
+        greedy=cfg.eval_greedy,
+        temperature=cfg.eval_temperature,
+        top_p=cfg.eval_top_p,
+        max_new_tokens=cfg.eval_max_new_tokens,
+        chat_template=cfg.eval_chat_template,
+        seed=cfg.seed,
+    )
+    return evaluate(r0.eval_client, tokenizer, r0.eval_prompts, r0.verifier, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(TrainerConfig, argv, prog="opd train")
+    setup_logging("trainer")
+    stop = StopFlag()
+    stop.install()
+    run(cfg, stop)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Publishing new policy weights to the rollout services, then bumping `opd:<run>:policy_version`.
+
+Two transports (DESIGN.md 3.2):
+    http    PUT /v1/weights?version=N with the safetensors bytes of the full state dict (bearer token)
+    shared  write `policy-<N>.safetensors` (atomically: tmp file + rename) into a directory the services can
+            read, then POST /v1/weights/load {path, version} to each (for models too large to stream)
+
+With no rollout URL configured a push only bumps the version in Redis (records then still carry versions).
+All servers are pushed to concurrently; a push fails loudly if any server refuses.
+
+Versions: the rollout starts at version 0 and the trainer's version after k pushes is k. `reconcile` runs at
+start: if a server is behind (the trainer crashed after checkpointing version v but before pushing it) it
+gets the current weights at version v; if a server is ahead (weights pushed after the last checkpoint were
+lost in a crash) the trainer's version jumps past it and all servers get the current weights, because the
+served weights are not the trainer's and versions only increase.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import redis
+from torch import nn
+
+from services.common import redis_keys
+from services.rollout.client import RolloutClient, state_dict_to_safetensors
+
+log = logging.getLogger(__name__)
+
+
+class WeightSync:
+    """Pushes to every configured rollout service; rank 0 only."""
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        run: str,
+        rollout_urls: list[str],
+        *,
+        mode: str = "http",
+        shared_dir: str = "",
+        token: str | None = None,
+        timeout_s: float = 300.0,
+        keep_files: int = 2,
+    ) -> None:
+        self.redis = redis_client
+        self.key = redis_keys.policy_version_key(run)
+        self.mode = mode
+        self.shared_dir = Path(shared_dir) if shared_dir else None
+        self.keep_files = keep_files
+        self.clients = [RolloutClient(url, token=token, timeout_s=timeout_s) for url in rollout_urls]
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.clients)), thread_name_prefix="push")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for c in self.clients:
+            c.close()
+
+    def versions(self) -> list[int]:
+        return list(self._pool.map(lambda c: c.weights().version, self.clients))
+
+    def _write_shared(self, body: bytes, version: int) -> str:
+        assert self.shared_dir is not None
+        self.shared_dir.mkdir(parents=True, exist_ok=True)
+        final = self.shared_dir / f"policy-{version:08d}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(body)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)  # a reader never sees a partial file
+        for old in sorted(self.shared_dir.glob("policy-*.safetensors"))[: -self.keep_files]:
+            old.unlink(missing_ok=True)
+        return str(final.resolve())
+
+    def push(self, model: nn.Module, version: int, only: list[int] | None = None) -> float:
+        """Send the weights as `version` to the servers (all, or indices `only`), then SET the version key.
+
+        Returns the seconds spent.
+        """
+        t0 = time.perf_counter()
+        targets = [self.clients[i] for i in (range(len(self.clients)) if only is None else only)]
+        if targets:
+            body = state_dict_to_safetensors(model.state_dict())
+            if self.mode == "shared":
+                path = self._write_shared(body, version)
+                infos = list(self._pool.map(lambda c: c.load_weights(path, version), targets))
+            else:
+                infos = list(self._pool.map(lambda c: c.put_weights(body, version), targets))
+            for info in infos:
+                if info.version != version:
+                    raise RuntimeError(f"rollout reports version {info.version} after a push of {version}")
+        self.redis.set(self.key, version)
+        return time.perf_counter() - t0
+
+    def reconcile(self, model: nn.Module, version: int) -> int:
+        """Bring the servers to the trainer's weights at start; returns the trainer's (possibly raised) version."""
+        served = self.versions()
+        if served and max(served) > version:
+            new = max(served) + 1
+            log.warning(
+                "rollout versions %s are ahead of the checkpoint's %d (pushed after the last checkpoint, "
+                "then lost): pushing the current weights as version %d",
+                served,
+                version,
+                new,
+            )
+            self.push(model, new)
+            return new
+        behind = [i for i, v in enumerate(served) if v < version]
+        if behind:
+            log.info("rollouts %s are behind version %d: pushing it", behind, version)
+            self.push(model, version, only=behind)
+        else:
+            self.redis.set(self.key, version)
+        return version
