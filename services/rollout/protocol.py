@@ -10,7 +10,15 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 class GenerateRequest(BaseModel):
     """Either `prompts` (token ids) or `texts` (tokenised with the model's tokenizer), not both."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"texts": ["12+34="], "n": 4, "max_new_tokens": 16, "top_p": 0.9, "seed": 0},
+                {"prompts": [[1, 5, 6, 7]], "n": 2, "max_new_tokens": 8, "return_top_k": 4},
+            ]
+        },
+    )
 
     prompts: list[list[int]] | None = Field(None, description="token-id prompts", max_length=4096)
     texts: list[str] | None = Field(None, description="text prompts", max_length=4096)

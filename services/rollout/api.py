@@ -1,0 +1,139 @@
+"""HTTP routes of the rollout service (DESIGN.md 3.2). Handlers only translate; the engine does the work.
+
+Errors: bad input 422 (the engine's RequestError/WeightsError, or pydantic's validation), stale version
+409, missing/wrong token 401, weight updates without a configured token 403, body too large 413, engine
+not loaded or failed 503 (clients retry).
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from services.rollout.engine import EngineUnavailable, RolloutEngine
+from services.rollout.metrics import RolloutMetrics
+from services.rollout.protocol import (
+    ErrorResponse,
+    GenerateRequest,
+    GenerateResponse,
+    LoadWeightsRequest,
+    WeightInfo,
+)
+
+router = APIRouter()
+bearer = HTTPBearer(auto_error=False, description="weight-update token (OPD_WEIGHTS_TOKEN)")
+
+ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 409, 413, 503)}
+SAFETENSORS_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "safetensors bytes of the full state dict (names, shapes, dtypes of the served model)",
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+    }
+}
+
+
+def get_engine(request: Request) -> RolloutEngine:
+    engine: RolloutEngine | None = request.app.state.engine
+    if engine is None:
+        raise EngineUnavailable(request.app.state.load_error or "model is loading")
+    return engine
+
+
+def get_metrics(request: Request) -> RolloutMetrics:
+    return request.app.state.metrics
+
+
+def require_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+    """Weight updates need the configured bearer token (constant-time compare; never logged)."""
+    expected: str | None = request.app.state.token
+    if expected is None:
+        if request.app.state.cfg.insecure_no_token:
+            return
+        raise HTTPException(403, "weight updates are disabled: no token configured (set OPD_WEIGHTS_TOKEN)")
+    given = creds.credentials if creds is not None else ""
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+
+async def read_limited_body(request: Request) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds max_weights_bytes."""
+    limit: int = request.app.state.cfg.max_weights_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body of {declared} bytes exceeds max_weights_bytes {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"body exceeds max_weights_bytes {limit}")
+    return b"".join(chunks)  # one copy; safetensors parses `bytes` only
+
+
+@router.post("/v1/generate", responses=ERRORS)
+async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
+    """Sample `n` completions per prompt; logprobs are under the full temperature-1 distribution."""
+    engine, start = get_engine(request), time.perf_counter()
+    resp = await engine.generate(req)
+    get_metrics(request).observe_generate(resp, time.perf_counter() - start)
+    return resp
+
+
+@router.get("/v1/weights", responses=ERRORS)
+async def get_weights(request: Request) -> WeightInfo:
+    return get_engine(request).weight_info()
+
+
+@router.put(
+    "/v1/weights", responses=ERRORS, openapi_extra=SAFETENSORS_BODY, dependencies=[Depends(require_token)]
+)
+async def put_weights(
+    request: Request,
+    version: int = Query(ge=0, le=2**63 - 1, description="must exceed the served version"),
+    body: bytes = Depends(read_limited_body),
+) -> WeightInfo:
+    """Replace the served weights (validated first, swapped atomically between requests)."""
+    engine, start = get_engine(request), time.perf_counter()
+    info = await engine.put_weights(body, version)
+    get_metrics(request).observe_swap(info, time.perf_counter() - start)
+    return info
+
+
+@router.post("/v1/weights/load", responses=ERRORS, dependencies=[Depends(require_token)])
+async def load_weights(req: LoadWeightsRequest, request: Request) -> WeightInfo:
+    """Load a safetensors checkpoint from storage the server shares (a file or a directory)."""
+    engine, start = get_engine(request), time.perf_counter()
+    info = await engine.load_weights(req.path, req.version, request.app.state.cfg.weights_dir)
+    get_metrics(request).observe_swap(info, time.perf_counter() - start)
+    return info
+
+
+@router.get("/healthz", responses=ERRORS)
+async def healthz(request: Request) -> dict[str, str]:
+    """Liveness: 503 when the model failed to load or a weight install failed (restart to recover)."""
+    engine: RolloutEngine | None = request.app.state.engine
+    failure = request.app.state.load_error or (engine.failure if engine is not None else None)
+    if failure is not None:
+        raise EngineUnavailable(failure)
+    return {"status": "ok"}
+
+
+@router.get("/readyz", responses=ERRORS)
+async def readyz(request: Request) -> dict[str, str | int]:
+    """Readiness: the model is loaded and serving."""
+    engine = get_engine(request)
+    if not engine.ready:
+        raise EngineUnavailable(engine.failure or "not ready")
+    return {"status": "ready", "backend": engine.backend, "version": engine.version}
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    engine: RolloutEngine | None = request.app.state.engine
+    get_metrics(request).ready.set(int(engine is not None and engine.ready))
+    return Response(get_metrics(request).render(), media_type=CONTENT_TYPE_LATEST)

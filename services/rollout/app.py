@@ -1,0 +1,113 @@
+"""FastAPI app factory of the rollout service: `build_app(cfg)`; the engine loads in the lifespan.
+
+The model loads in a background task so that /healthz answers at once and /readyz says when the model is
+ready (503 until then). A failed load sets `app.state.load_error` (healthz turns 503) and calls
+`app.state.on_fatal` if the server set one (the CLI server exits then). Nothing heavy happens at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from services.rollout.api import router
+from services.rollout.config import RolloutConfig
+from services.rollout.engine import EngineUnavailable, RequestError, RolloutEngine, VersionConflict
+from services.rollout.metrics import RolloutMetrics
+
+log = logging.getLogger(__name__)
+
+
+async def create_engine(cfg: RolloutConfig) -> RolloutEngine:
+    if cfg.backend == "vllm":
+        from services.rollout.vllm_engine import VLLMEngine  # imports vLLM: only when asked for
+
+        return await VLLMEngine.create(cfg)
+    from services.rollout.hf_engine import HFEngine
+
+    return await HFEngine.create(cfg)
+
+
+async def _load_engine(app: FastAPI, cfg: RolloutConfig) -> None:
+    try:
+        engine = await create_engine(cfg)
+    except Exception as e:
+        log.exception("loading %s with the %s backend failed", cfg.model, cfg.backend)
+        app.state.load_error = f"model load failed: {type(e).__name__}: {e}"
+        on_fatal: Callable[[], None] | None = app.state.on_fatal
+        if on_fatal is not None:
+            on_fatal()
+        return
+    app.state.engine = engine
+    app.state.metrics.policy_version.set(engine.version)
+    app.state.metrics.ready.set(1)
+    log.info(
+        "ready: %s backend, policy version %d, %d parameters",
+        engine.backend,
+        engine.version,
+        engine.schema.num_parameters,
+    )
+
+
+def build_app(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> FastAPI:
+    """The service app. Pass `engine` to serve an already built engine (its lifetime stays the caller's)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None if engine is not None else asyncio.create_task(_load_engine(app, cfg))
+        try:
+            yield
+        finally:
+            if loader is not None:
+                loader.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await loader
+                if app.state.engine is not None:
+                    await app.state.engine.close()
+            app.state.metrics.ready.set(0)
+
+    app = FastAPI(
+        title="OPD rollout service",
+        version="1",
+        summary="Student sampling with behaviour logprobs; versioned, atomic weight updates (DESIGN.md 3.2)",
+        lifespan=lifespan,
+    )
+    app.state.cfg = cfg
+    app.state.engine = engine
+    app.state.token = cfg.resolve_token()
+    app.state.metrics = RolloutMetrics()
+    app.state.load_error = None
+    app.state.on_fatal = None
+    if engine is not None:
+        app.state.metrics.policy_version.set(engine.version)
+        app.state.metrics.ready.set(1)
+    app.include_router(router)
+
+    @app.exception_handler(RequestError)
+    async def _bad_request(request: Request, exc: RequestError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(VersionConflict)
+    async def _conflict(request: Request, exc: VersionConflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(EngineUnavailable)
+    async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        # the route template, not the raw path: unknown paths must not grow the label set
+        app.state.metrics.requests.labels(
+            route.path if route is not None else "unmatched", str(response.status_code)
+        ).inc()
+        return response
+
+    return app

@@ -1,0 +1,27 @@
+"""vLLM worker extension: reload weights in place from safetensors files.
+
+vLLM mixes this class into its worker (`worker_extension_cls`); the engine calls the method on every
+worker with `collective_rpc`. `reload_weights` runs the model's checkpoint-format loader and redoes the
+post-load processing (repacking on CPU, fusing), which a plain `load_weights` into the live model skips.
+Imported inside vLLM's worker processes: keep it free of the service's heavier modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from safetensors import safe_open
+
+
+class WeightReloadExtension:
+    def opd_reload_safetensors(self, paths: list[str]) -> None:
+        """Load every tensor of `paths` (checkpoint names, already validated by the server) in place."""
+
+        def weights() -> Iterator[tuple[str, torch.Tensor]]:
+            for path in paths:
+                with safe_open(path, framework="pt", device="cpu") as fh:
+                    for name in fh.keys():  # noqa: SIM118 (safe_open handles have no __iter__)
+                        yield name, fh.get_tensor(name)
+
+        self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
