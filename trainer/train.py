@@ -260,9 +260,8 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
     loaded = ckpt.load_latest(cfg.checkpoint_dir, model, optimizer) if cfg.resume else None
     state = loaded.state if loaded else ckpt.TrainState()
     state.consumer = cfg.consumer
-    if (
-        loaded
-    ):  # the commit log is the record of stale drops (trailing ones are committed after the checkpoint)
+    if loaded:
+        # The commit log is the record of stale drops (trailing ones are committed after the checkpoint).
         state.dropped_stale = sum(len(line["stale_entries"]) for line in loaded.commits)
     if loaded and loaded.path:
         log.info(
@@ -277,6 +276,9 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
     r0: RankZero | None = None
     if ctx.is_main:
         r0 = _setup_rank_zero(cfg, model, tokenizer, state, loaded, vocab_size, stop)
+        if cfg.eval_every and state.batch == 0:
+            # The "before" point of every curve and report: the student as it starts.
+            r0.writer.write(0, 0, _eval(cfg, state, r0, tokenizer))
 
     pending_commits: list[dict[str, Any]] = []
     progress = Progress(
