@@ -1,0 +1,309 @@
+"""`opd up`: the whole pipeline on one machine, as child processes.
+
+    Redis (embedded unless redis_url) -> teacher replica(s) -> rollout service -> trainer -> rollout worker(s)
+
+Every child reads its own section of the same TOML file (`--config`); this driver only adds what is
+dynamic (ports, URLs, the run directory, a fresh weight-update token) through the children's environment
+variables, so the file alone describes the run. One rich display follows the trainer's metrics; Ctrl-C or
+any child's failure stops everything (process groups, no orphans), showing the failing child's log tail.
+Outputs go to `runs/<name>/`: config, logs/, metrics.jsonl, TensorBoard events, checkpoints/, plots/,
+report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import grpc
+import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from services.common.config import ConfigBase, ConfigError, opt, parse_config, read_toml_section
+from services.common.logs import setup_logging
+from services.common.redis_server import EmbeddedRedis, free_port
+from services.supervisor import Child, ChildFailed, Supervisor
+
+log = logging.getLogger("opd.up")
+
+
+@dataclass
+class PipelineConfig(ConfigBase):
+    """Run the whole pipeline locally (teacher, rollout, workers, trainer, embedded Redis)."""
+
+    SECTION: ClassVar[str] = "up"
+    ENV_PREFIX: ClassVar[str] = "OPD_UP_"
+
+    name: str = opt("demo", "run name: Redis keys opd:<name>:..., outputs under <out_dir>/<name>")
+    out_dir: str = opt("runs", "parent directory of the run directory")
+    redis_url: str | None = opt(None, "external Redis; unset = start an embedded redis-server (AOF on)")
+    prepare_toy: bool = opt(False, "first run `opd toy prepare` with the file's [toy] section (cached)")
+    teacher_replicas: int = opt(1, "teacher service processes; workers spread requests over all of them")
+    num_workers: int = opt(1, "rollout worker processes (prompt shards)")
+    startup_timeout_s: float = opt(600.0, "how long a service may take to become ready")
+    fresh: bool = opt(True, "delete an existing run directory first (off = keep it, e.g. to resume)")
+    child_threads: int = opt(
+        1,
+        "torch/OpenMP threads per child process (0 = library default); on a small "
+        "machine several processes with a thread per core each slow down many times",
+    )
+
+    def __post_init__(self) -> None:
+        if self.teacher_replicas < 1 or self.num_workers < 1:
+            raise ConfigError(
+                f"teacher_replicas and num_workers must be >= 1, got "
+                f"{self.teacher_replicas}, {self.num_workers}"
+            )
+
+
+def _grpc_serving(address: str) -> bool:
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=2
+        )
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _http_ready(url: str) -> bool:
+    return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+
+
+def _opd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+class MetricsFollower:
+    """Reads new lines of the trainer's metrics.jsonl as they appear and keeps the latest values."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.latest, self.rows = path, 0, {}, []
+
+    def poll(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path) as fh:
+            fh.seek(self.offset)
+            for line in fh:
+                if not line.endswith("\n"):
+                    break
+                self.offset += len(line)
+                row = json.loads(line)
+                self.rows.append(row)
+                self.latest.update(row)
+
+
+def _status_table(latest: dict, first_eval: float | None) -> Table:
+    table = Table.grid(padding=(0, 2))
+    cells = []
+    for key, label in [
+        ("loss/lsm", "loss"),
+        ("loss/sampled_token", "loss"),
+        ("eval/pass@1", "pass@1"),
+        ("queue/backlog", "backlog"),
+        ("rollout/policy_lag", "policy lag"),
+        ("queue/dropped_stale", "stale"),
+        ("perf/tokens_per_s", "tok/s"),
+    ]:
+        if key in latest:
+            value = latest[key]
+            cells.append(
+                f"[bold]{label}[/] {value:.4g}" if isinstance(value, float) else f"[bold]{label}[/] {value}"
+            )
+    if first_eval is not None and "eval/pass@1" in latest:
+        cells.append(f"[bold]pass@1 start[/] {first_eval:.3f}")
+    table.add_row(*cells) if cells else table.add_row("waiting for the first batch ...")
+    return table
+
+
+def check_sections(path: Path) -> None:
+    """Cross-process consistency that no single process can check for itself."""
+    worker, trainer = read_toml_section(path, "worker"), read_toml_section(path, "trainer")
+    records = int(worker.get("max_backlog", 256))
+    per_record = int(worker.get("group_size", 4))
+    batch = int(trainer.get("batch_size", 128))
+    if records * per_record < batch:
+        # The trainer deletes entries only after their step, so a batch must fit in the stream at once.
+        raise ConfigError(
+            f"worker.max_backlog ({records} records x group_size {per_record}) must hold at "
+            f"least one trainer batch ({batch} sequences), or the pipeline deadlocks"
+        )
+    if int(worker.get("top_k", 32)) < int(trainer.get("top_k", 16)):
+        raise ConfigError(
+            f"worker.top_k {worker.get('top_k')} < trainer.top_k {trainer.get('top_k')}: "
+            "records would not carry the support the trainer needs"
+        )
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def run(cfg: PipelineConfig, config_path: Path) -> int:
+    console = Console()
+    check_sections(config_path)
+    # SIGTERM (e.g. from a job runner) takes the same clean path as Ctrl-C: children are stopped.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    run_dir = Path(cfg.out_dir) / cfg.name
+    if cfg.fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(config_path, run_dir / "config.toml")
+    trainer_section = read_toml_section(config_path, "trainer")
+    max_batches = int(trainer_section.get("max_batches", 0))
+
+    if cfg.prepare_toy:
+        from trainer.toy.prepare import ToyConfig, prepare
+
+        console.print("[bold]preparing the toy task and models[/] (cached after the first run)")
+        prepare(ToyConfig(**read_toml_section(config_path, "toy")))
+
+    threads = (
+        {}
+        if not cfg.child_threads
+        else {"OMP_NUM_THREADS": str(cfg.child_threads), "MKL_NUM_THREADS": str(cfg.child_threads)}
+    )
+    supervisor = Supervisor(run_dir / "logs", env=threads)
+    redis_server = None
+    token = secrets.token_urlsafe(24)  # weight-update token shared by trainer and rollout, this run only
+    common = {"--config": str(config_path)}
+    args = [a for kv in common.items() for a in kv]
+    try:
+        if cfg.redis_url:
+            redis_url = cfg.redis_url
+        else:
+            redis_server = EmbeddedRedis(data_dir=run_dir / "redis", appendonly=True).start()
+            redis_url = redis_server.url
+        console.print(f"redis: {redis_url}")
+
+        teachers = []
+        for i in range(cfg.teacher_replicas):
+            port = free_port()
+            address = f"127.0.0.1:{port}"
+            child = supervisor.start(
+                Child(
+                    f"teacher-{i}",
+                    _opd("teacher", "serve", *args),
+                    env={"OPD_TEACHER_HOST": "127.0.0.1", "OPD_TEACHER_PORT": str(port)},
+                    ready=lambda a=address: _grpc_serving(a),
+                )
+            )
+            teachers.append((child, address))
+        rollout_port = free_port()
+        rollout_url = f"http://127.0.0.1:{rollout_port}"
+        rollout = supervisor.start(
+            Child(
+                "rollout",
+                _opd("rollout", "serve", *args),
+                env={
+                    "OPD_ROLLOUT_HOST": "127.0.0.1",
+                    "OPD_ROLLOUT_PORT": str(rollout_port),
+                    "OPD_WEIGHTS_TOKEN": token,
+                },
+                ready=lambda: _http_ready(rollout_url),
+            )
+        )
+        with console.status("starting teacher and rollout services ..."):
+            for child, _ in teachers:
+                supervisor.wait_ready(child, cfg.startup_timeout_s)
+            supervisor.wait_ready(rollout, cfg.startup_timeout_s)
+        console.print(f"teacher: {', '.join(a for _, a in teachers)}   rollout: {rollout_url}")
+
+        supervisor.start(
+            Child(
+                "trainer",
+                _opd("train", *args),
+                env={
+                    "OPD_TRAINER_REDIS_URL": redis_url,
+                    "OPD_TRAINER_RUN": cfg.name,
+                    "OPD_TRAINER_ROLLOUT_URLS": rollout_url,
+                    "OPD_WEIGHTS_TOKEN": token,
+                    "OPD_TRAINER_CHECKPOINT_DIR": str(run_dir / "checkpoints"),
+                    "OPD_TRAINER_LOG_DIR": str(run_dir),
+                    "OPD_TRAINER_PROGRESS": "false",
+                },
+                finishes_run=True,
+            )
+        )
+        for j in range(cfg.num_workers):
+            supervisor.start(
+                Child(
+                    f"worker-{j}",
+                    _opd("rollout", "work", *args),
+                    env={
+                        "OPD_WORKER_REDIS_URL": redis_url,
+                        "OPD_WORKER_RUN": cfg.name,
+                        "OPD_WORKER_ROLLOUT_URL": rollout_url,
+                        "OPD_WORKER_TEACHER": ",".join(a for _, a in teachers),
+                        "OPD_WORKER_WORKER_INDEX": str(j),
+                        "OPD_WORKER_NUM_WORKERS": str(cfg.num_workers),
+                    },
+                )
+            )
+
+        follower = MetricsFollower(run_dir / "metrics.jsonl")
+        progress = Progress(
+            TextColumn("[bold]training[/]"),
+            BarColumn(),
+            TextColumn("batch {task.completed}" + (f"/{max_batches}" if max_batches else "")),
+            TimeElapsedColumn(),
+        )
+        task = progress.add_task("train", total=max_batches or None)
+        first_eval = None
+        with Live(console=console, refresh_per_second=2) as live:
+            while supervisor.check() is None:
+                follower.poll()
+                if first_eval is None:
+                    first_eval = next((r["eval/pass@1"] for r in follower.rows if "eval/pass@1" in r), None)
+                progress.update(task, completed=follower.latest.get("batch", 0))
+                grid = Table.grid()
+                grid.add_row(progress)
+                grid.add_row(_status_table(follower.latest, first_eval))
+                live.update(grid)
+                time.sleep(0.5)
+        follower.poll()
+        console.print("[green]trainer finished[/]; stopping services")
+    except ChildFailed as e:
+        console.print(f"[red]pipeline failed:[/] {e}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; stopping services[/]")
+        return 130
+    finally:
+        supervisor.stop_all()
+        if redis_server is not None:
+            redis_server.stop()
+
+    from trainer.report import write_report
+
+    report = write_report(run_dir)
+    console.print(report.read_text(), markup=False)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging("up")
+    cfg = parse_config(PipelineConfig, argv, prog="opd up")
+    config_path = _config_path(argv)
+    return run(cfg, config_path)
+
+
+def _config_path(argv: list[str] | None) -> Path:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, a in enumerate(argv):
+        if a == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1]).resolve()
+        if a.startswith("--config="):
+            return Path(a.split("=", 1)[1]).resolve()
+    raise ConfigError("opd up needs --config FILE (every service reads its section of it)")
