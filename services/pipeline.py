@@ -294,6 +294,7 @@ def run(cfg: PipelineConfig, config_path: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging("up")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
     cfg = parse_config(PipelineConfig, argv, prog="opd up")
     config_path = _config_path(argv)
     return run(cfg, config_path)
