@@ -69,8 +69,11 @@ def write_config(tmp: Path, name: str, max_batches: int) -> Path:
 
 
 def opd_processes(marker: str) -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if marker in line and "services.cli" in line]
+    out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+    # The children of `opd up` (not `up` itself) that were started with this config file.
+    return [
+        line for line in out.splitlines() if marker in line and "services.cli" in line and " up " not in line
+    ]
 
 
 def test_up_runs_to_completion_and_reports(tmp_path: Path) -> None:
@@ -111,13 +114,18 @@ def test_sigterm_stops_every_child(tmp_path: Path) -> None:
     )
     metrics = tmp_path / "runs/stopme/metrics.jsonl"
     deadline = time.monotonic() + 300
-    while not (metrics.exists() and '"loss/lsm"' in metrics.read_text()):
-        assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "no training batch within 300 s"
-        time.sleep(0.5)
-    assert len(opd_processes(str(config))) == 4  # teacher, rollout, trainer, worker
-    os.kill(proc.pid, signal.SIGTERM)
-    proc.wait(60)
-    assert proc.returncode == 130
+    try:
+        while not (metrics.exists() and '"loss/lsm"' in metrics.read_text()):
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "no training batch within 300 s"
+            time.sleep(0.5)
+        assert len(opd_processes(str(config))) == 4  # teacher, rollout, trainer, worker
+        os.kill(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+        assert proc.returncode == 130
+    finally:
+        if proc.poll() is None:  # a failed assertion must not leave the pipeline running
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait(60)
     time.sleep(0.5)
     assert opd_processes(str(config)) == []

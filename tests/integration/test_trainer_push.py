@@ -144,8 +144,10 @@ def test_loop_pushes_every_batch_and_evaluates(models, rollout, redis_server, tm
     ckpt.load_latest(cfg.checkpoint_dir, trained, restore_rng=False)
     assert info.version == 2 and info.sha256 == _sha(trained) != _sha(student)
     metrics = read_metrics(cfg.metrics_dir)
-    assert [m["train/policy_version"] for m in metrics] == [1, 2]
-    assert all(0.0 <= m["eval/pass@1"] <= 1.0 and m["time/push"] > 0 for m in metrics)
+    start, trained_rows = metrics[0], metrics[1:]
+    assert start["batch"] == 0 and 0.0 <= start["eval/pass@1"] <= 1.0  # the student before training
+    assert [m["train/policy_version"] for m in trained_rows] == [1, 2]
+    assert all(0.0 <= m["eval/pass@1"] <= 1.0 and m["time/push"] > 0 for m in trained_rows)
 
 
 @torch.no_grad()
