@@ -132,12 +132,12 @@ def check_sections(path: Path) -> None:
     worker, trainer = read_toml_section(path, "worker"), read_toml_section(path, "trainer")
     records = int(worker.get("max_backlog", 256))
     per_record = int(worker.get("group_size", 4))
-    batch = int(trainer.get("batch_size", 128))
+    # Entries leave the stream only at the checkpoint that commits them: checkpoint_every batches stay in it.
+    batch = int(trainer.get("batch_size", 128)) * int(trainer.get("checkpoint_every", 1))
     if records * per_record < batch:
-        # The trainer deletes entries only after their step, so a batch must fit in the stream at once.
         raise ConfigError(
             f"worker.max_backlog ({records} records x group_size {per_record}) must hold at "
-            f"least one trainer batch ({batch} sequences), or the pipeline deadlocks"
+            f"least checkpoint_every trainer batches ({batch} sequences), or the pipeline deadlocks"
         )
     if int(worker.get("top_k", 32)) < int(trainer.get("top_k", 16)):
         raise ConfigError(
@@ -249,6 +249,7 @@ def run(cfg: PipelineConfig, config_path: Path) -> int:
                         "OPD_WORKER_WORKER_INDEX": str(j),
                         "OPD_WORKER_NUM_WORKERS": str(cfg.num_workers),
                     },
+                    may_finish=True,  # a worker with epochs / max_records ends before the trainer
                 )
             )
 

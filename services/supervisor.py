@@ -31,6 +31,8 @@ class Child:
     ready: Callable[[], bool] | None = None
     # A child whose exit with code 0 is the end of the run (the trainer).
     finishes_run: bool = False
+    # A child that may exit with code 0 before the run ends (a worker with epochs or max_records).
+    may_finish: bool = False
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
@@ -88,6 +90,8 @@ class Supervisor:
                 continue
             if code == 0 and child.finishes_run:
                 return child
+            if code == 0 and child.may_finish:
+                continue
             raise ChildFailed(
                 f"{child.name} exited with code {code}; last lines of {child.log_path}:\n"
                 f"{log_tail(child.log_path)}"

@@ -179,7 +179,9 @@ class ExperienceReader:
         try:
             rec = decode(entry.data)
             self.check(rec)
-        except (ExperienceDecodeError, RecordError) as e:
+        except (ExperienceDecodeError, RecordError, ValueError, TypeError) as e:
+            # Whatever a malformed record raises, it goes to the dead-letter stream: crashing here would
+            # crash again on every restart, since the entry stays pending for this consumer.
             self.consumer.dead_letter(entry, f"{type(e).__name__}: {e}")
             out.dead += 1
             return

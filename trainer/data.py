@@ -109,11 +109,16 @@ def check_record(
             if not np.isfinite(getattr(s, name)).all():
                 raise RecordError(f"{where}: {name} not finite")
         # log_softmax rounding can leave a log-probability a hair above 0; more than that is not one
-        if np.isnan(s.teacher_topk_logprobs).any() or (s.teacher_topk_logprobs > 1e-4).any():
-            raise RecordError(f"{where}: teacher top-k logprobs NaN or > 0")
+        # A -inf (q = 0) inside the support makes KL(pi^ || q^) infinite and the gradient NaN: not trainable.
+        if not np.isfinite(s.teacher_topk_logprobs).all() or (s.teacher_topk_logprobs > 1e-4).any():
+            raise RecordError(f"{where}: teacher top-k logprobs not finite or > 0")
         if full_vocab:
             ids = s.teacher_topk_ids[:, :top_k]
-            if top_k != vocab_size or not (np.sort(ids, axis=1) == np.arange(vocab_size)).all():
+            if (
+                top_k != vocab_size
+                or ids.shape[1] != vocab_size
+                or not (np.sort(ids, axis=1) == np.arange(vocab_size)).all()
+            ):
                 raise RecordError(
                     f"{where}: full_kl needs every row's teacher ids to cover the {vocab_size} ids"
                 )
@@ -131,6 +136,8 @@ def check_record(
             lp = _candidate_lookup(ids, s.teacher_candidate_ids, s.teacher_candidate_logprobs)
             if np.isnan(lp).any():
                 raise RecordError(f"{where}: a behaviour top id has no teacher candidate logprob")
+            if not np.isfinite(lp).all() or (lp > 1e-4).any():
+                raise RecordError(f"{where}: teacher candidate logprobs not finite or > 0")
         else:
             k = s.teacher_topk_ids.shape[1]
             if k < top_k:

@@ -130,12 +130,10 @@ def decode(data: bytes) -> ExperienceRecord:
         if k == 0:
             raise ExperienceDecodeError(f"sample {i}: teacher k is 0")
         c, cb = t.candidates_per_row, s.behaviour_top_k
-        env = (
-            np.frombuffer(s.env_positions, dtype=I32).astype(np.int32)
-            if s.env_positions
-            else np.zeros(0, np.int32)
-        )
-        if len(s.env_positions) % 4 or (env.size and (env.min() < 0 or env.max() >= n)):
+        if len(s.env_positions) % 4:
+            raise ExperienceDecodeError(f"sample {i}: env_positions is not int32 bytes")
+        env = np.frombuffer(s.env_positions, dtype=I32).astype(np.int32)
+        if env.size and (env.min() < 0 or env.max() >= n):
             raise ExperienceDecodeError(f"sample {i}: env_positions out of range")
         samples.append(
             SampleRecord(

@@ -44,8 +44,9 @@ def parse_request(request: teacher_pb2.ScoreRequest, limits: Limits, info: Model
     """Validate a ScoreRequest and convert it to ScoreItems. Raises InvalidRequest or Unsupported."""
     if not request.sequences:
         raise InvalidRequest("request has no sequences")
-    if not 1 <= request.top_k <= limits.max_top_k:
-        raise InvalidRequest(f"top_k={request.top_k} outside [1, {limits.max_top_k}]")
+    max_top_k = min(limits.max_top_k, info.vocab_size)
+    if not 1 <= request.top_k <= max_top_k:
+        raise InvalidRequest(f"top_k={request.top_k} outside [1, {max_top_k}] (max_top_k, vocabulary size)")
     temperature = request.temperature
     # Bounded so that logits / temperature stays finite in float32.
     if not math.isfinite(temperature) or (
@@ -151,7 +152,7 @@ def info_message(info: ModelInfo, limits: Limits) -> teacher_pb2.TeacherInfo:
     return teacher_pb2.TeacherInfo(
         model_id=info.model_id,
         vocab_size=info.vocab_size,
-        max_top_k=limits.max_top_k,
+        max_top_k=min(limits.max_top_k, info.vocab_size),
         max_sequence_tokens=limits.max_sequence_tokens,
         max_request_tokens=limits.max_request_tokens,
         tokenizer_sha256=info.tokenizer_sha256,

@@ -106,7 +106,8 @@ def _mutate(field_path: str, value) -> bytes:
         (_mutate("samples.behaviour_logprobs", b"\x00" * 5), "behaviour_logprobs"),
         (_mutate("samples.teacher.topk_ids", b"\x00" * 8), "teacher.topk_ids"),
         (_mutate("samples.teacher.k", 0), "k is 0"),
-        (_mutate("samples.env_positions", np.array([99], np.int32).tobytes()), "env_positions"),
+        (_mutate("samples.env_positions", np.array([99], np.int32).tobytes()), "env_positions out of range"),
+        (_mutate("samples.env_positions", b"\x00\x01\x02"), "env_positions is not int32"),
     ],
 )
 def test_malformed_records_are_rejected_with_reason(data: bytes, reason: str) -> None:

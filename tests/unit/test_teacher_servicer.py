@@ -85,6 +85,14 @@ def test_invalid_requests_name_the_sequence_and_reason(req, message):
         parse_request(req, LIMITS, INFO)
 
 
+def test_top_k_is_capped_at_the_vocabulary():
+    small = ModelInfo("m", 10, "x", (), "hf", supports_candidates=True, supports_temperature=True)
+    parse_request(request(seq([1, 2, 3], 1), top_k=10), LIMITS, small)
+    with pytest.raises(InvalidRequest, match=r"top_k=11 outside \[1, 10\]"):
+        parse_request(request(seq([1, 2, 3], 1), top_k=11), LIMITS, small)
+    assert info_message(small, LIMITS).max_top_k == 10
+
+
 def test_malformed_candidate_bytes():
     s = seq([1, 2, 3], 1)
     s.candidates.per_row = 0

@@ -153,3 +153,18 @@ def test_check_record_reasons():
     recs[0].samples[1].behaviour_logprobs[0] = np.nan
     with pytest.raises(RecordError, match="behaviour_logprobs not finite"):
         check_record(recs[0], **ok)
+
+
+def test_check_record_rejects_what_would_poison_the_weights():
+    ok = dict(support="teacher_topk", top_k=4, vocab_size=V, max_seq_len=100)
+    recs = _records()
+    recs[0].samples[0].teacher_topk_logprobs[0, 1] = -np.inf  # q = 0 inside the support: KL = inf
+    with pytest.raises(RecordError, match="teacher top-k logprobs not finite"):
+        check_record(recs[0], **ok)
+    # full_kl with fewer teacher ids than the vocabulary: a clear reason, not a numpy broadcast error
+    with pytest.raises(RecordError, match="full_kl needs every row"):
+        check_record(_records()[0], **{**ok, "top_k": V}, full_vocab=True)
+    recs = _records()
+    recs[1].samples[0].teacher_candidate_logprobs[:] = np.inf
+    with pytest.raises(RecordError, match="candidate logprobs not finite"):
+        check_record(recs[1], **{**ok, "support": "student_topk", "top_k": 3})
