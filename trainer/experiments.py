@@ -1,0 +1,412 @@
+"""`opd experiment NAME`: the paper's experiments, reproduced small on the toy task.
+
+    opd experiment table      [--seeds 0,1,2] [--batches N] [--eval-every N] [--avg-n 4] [--only SLUGS]
+                              [--out runs/experiments] [--base configs/demo.toml]
+    opd experiment ablations  (same options)
+    opd experiment gamma-toy  [...]                      appendix C toy, trainer/gamma_toy.py
+    opd experiment diagnostics --student DIR --teacher DIR [...]   Figures 2 and 4, trainer/diagnostics.py
+
+`table` and `ablations` build one TOML file per (variant, seed) from the base file (demo.toml) with section
+overrides, run the whole local pipeline (`services.pipeline.run`) for each, one after the other, and then
+collect from every run's metrics.jsonl the first and last `eval/pass@1` (greedy, through the rollout
+service). When `--avg-n` > 0, each run's final checkpoint is also evaluated here with transformers: greedy
+pass@1 and avg@n (n samples per prompt at trainer.eval_temperature and eval_top_p). Outputs, under
+`<out>/<name>/`: `configs/`, `runs/<run>/` (each pipeline run), `results.json`, `table.md` (mean +- std
+over seeds, like Table 1) and `curves.png` (one panel per metric, one line per variant: Figures 6-8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import re
+import statistics
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+log = logging.getLogger("opd.experiment")
+
+Overrides = dict[str, dict[str, Any]]  # {"trainer": {"objective": "lsm"}, "worker": {...}}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    overrides: Overrides = field(default_factory=dict)
+
+    @property
+    def slug(self) -> str:
+        return re.sub(r"[^a-z0-9]+", "-", self.label.lower()).strip("-")
+
+
+def _k_variant(k: int) -> Variant:
+    # The worker must store at least K teacher ids per position; the teacher serves at most 64.
+    return Variant(f"LSM K={k}", {"trainer": {"top_k": k}, "worker": {"top_k": max(k, 16)}})
+
+
+def _support_variant(support: str) -> Variant:
+    # student_topk needs the behaviour top-k in the record, which the worker writes only when told.
+    return Variant(
+        f"LSM support={support}", {"trainer": {"support": support}, "worker": {"support": support}}
+    )
+
+
+EXPERIMENTS: dict[str, list[Variant]] = {
+    # Table 1: the two objectives, with and without special-token masking.
+    "table": [
+        Variant(
+            "sampled-token OPD", {"trainer": {"objective": "sampled_token", "special_token_masking": False}}
+        ),
+        Variant(
+            "sampled-token OPD + mask",
+            {"trainer": {"objective": "sampled_token", "special_token_masking": True}},
+        ),
+        Variant("LSM", {"trainer": {"objective": "lsm", "special_token_masking": False}}),
+        Variant("LSM + mask", {"trainer": {"objective": "lsm", "special_token_masking": True}}),
+    ],
+    # Tables 3-4 and Figure 9; the reference is LSM + mask, K=16, renormalised, top-p 0.9, teacher top-K.
+    "ablations": [
+        Variant("LSM reference (K=16)", {"trainer": {"objective": "lsm"}}),
+        Variant("no renormalisation", {"trainer": {"objective": "lsm", "renormalize": False}}),
+        Variant("no top-p (p=1)", {"trainer": {"objective": "lsm"}, "worker": {"top_p": 1.0}}),
+        _k_variant(1),
+        _k_variant(4),
+        _k_variant(64),
+        _support_variant("student_topk"),
+        _support_variant("teacher_topk_plus_sampled"),
+    ],
+}
+
+# Curves panels: (metrics key, title). Keys a variant never logs (e.g. clip fraction under LSM) are skipped.
+CURVES = [
+    ("eval/pass@1", "eval pass@1 (greedy)"),
+    ("opd/reward_mean", "training reward (teacher - behaviour logprob)"),
+    ("grad/norm", "grad norm"),
+    ("opd/clip_frac", "clip fraction"),
+    ("response/length", "response length"),
+    ("teacher/gap_mean", "teacher - student logprob gap"),
+    ("loss/lsm", "LSM loss"),
+    ("loss/sampled_token", "sampled-token loss"),
+]
+
+
+def build_variant_config(
+    base: dict[str, Any],
+    variant: Variant,
+    *,
+    run_name: str,
+    runs_dir: Path,
+    seed: int,
+    batches: int,
+    eval_every: int = 0,
+    vocab_size: int = 0,
+) -> dict[str, Any]:
+    """The base TOML dict with the variant's section overrides, a run name, seeds and the batch budget.
+
+    The seed goes to both the trainer (init/shuffling) and the worker (sampling), so seeds differ in
+    everything random. `batches` <= 0 keeps the base file's trainer.max_batches, `eval_every` <= 0 the base
+    file's trainer.eval_every. A K above `vocab_size` (when > 0) is capped to it: the toy vocabulary has 18
+    ids, so "K=64" there means the full distribution.
+    """
+    cfg = copy.deepcopy(base)
+    for section, values in variant.overrides.items():
+        cfg.setdefault(section, {}).update(values)
+    cfg.setdefault("up", {}).update(name=run_name, out_dir=str(runs_dir))
+    cfg.setdefault("trainer", {})["seed"] = seed
+    cfg.setdefault("worker", {})["seed"] = seed
+    if batches > 0:
+        cfg["trainer"]["max_batches"] = batches
+    if eval_every > 0:
+        cfg["trainer"]["eval_every"] = eval_every
+    trainer, worker = cfg["trainer"], cfg["worker"]
+    if vocab_size and int(trainer.get("top_k", 16)) > vocab_size:
+        # K beyond the vocabulary is the whole vocabulary (the teacher serves at most V ids per position).
+        trainer["top_k"] = vocab_size
+        worker["top_k"] = min(int(worker.get("top_k", 32)), vocab_size)
+    if int(worker.get("top_k", 32)) < int(trainer.get("top_k", 16)):
+        raise ValueError(
+            f"{variant.label}: worker.top_k {worker.get('top_k')} < trainer.top_k {trainer['top_k']}"
+        )
+    if trainer.get("support") != worker.get("support", "teacher_topk") and "student_topk" in (
+        trainer.get("support"),
+        worker.get("support"),
+    ):
+        raise ValueError(
+            f"{variant.label}: the student_topk support needs worker.support = 'student_topk' too"
+        )
+    return cfg
+
+
+def summarize_run(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Before/final eval pass@1 and the last training values of a run's metrics rows."""
+    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
+    if not evals:
+        raise ValueError("the run logged no eval/pass@1 (trainer.eval_every = 0?)")
+    out = {
+        "pass@1_before": float(evals[0]),
+        "pass@1_final": float(evals[-1]),
+        "pass@1_max": float(max(evals)),
+        # The last eval need not be at the last batch (max_batches not a multiple of eval_every): say where.
+        "last_eval_batch": float(max(r.get("batch", 0) for r in rows if "eval/pass@1" in r)),
+    }
+    for key in ("response/length", "teacher/gap_mean", "grad/norm"):
+        values = [r[key] for r in rows if key in r]
+        if values:
+            out[key] = float(values[-1])
+    out["batches"] = float(max((r.get("batch", 0) for r in rows), default=0))
+    return out
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+TABLE_COLUMNS = [
+    ("pass@1_before", "pass@1 before"),
+    ("pass@1_final", "pass@1 last eval"),
+    ("last_eval_batch", "at batch"),
+    ("pass@1_max", "pass@1 best"),
+    ("posthoc/pass@1", "final pass@1 (HF greedy)"),
+    ("posthoc/avg@n", "final avg@n (HF sampled)"),
+    ("response/length", "final length"),
+]
+
+
+def results_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown table: one row per variant, `mean ± std` over its seeds for every column any run has."""
+    columns = [(k, t) for k, t in TABLE_COLUMNS if any(k in s for runs in results.values() for s in runs)]
+    lines = [
+        "| variant | seeds | " + " | ".join(t for _, t in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    for label, runs in results.items():
+        cells = []
+        for key, _ in columns:
+            values = [s[key] for s in runs if key in s]
+            mean, std = mean_std(values)
+            fmt = {"response/length": "{:.1f} ± {:.1f}", "last_eval_batch": "{:.0f}"}.get(
+                key, "{:.3f} ± {:.3f}"
+            )
+            cells.append(fmt.format(mean, std) if values else "–")
+        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(
+    per_seed: list[list[dict[str, Any]]], key: str
+) -> tuple[list[float], list[float], list[float]]:
+    """Batches where every seed logged `key`, and the across-seed mean and std there."""
+    by_seed = [{r["batch"]: float(r[key]) for r in rows if key in r and "batch" in r} for rows in per_seed]
+    by_seed = [d for d in by_seed if d]
+    if not by_seed:
+        return [], [], []
+    xs = sorted(set.intersection(*(set(d) for d in by_seed)))
+    stats = [mean_std([d[x] for d in by_seed]) for x in xs]
+    return [float(x) for x in xs], [m for m, _ in stats], [s for _, s in stats]
+
+
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], out: Path, title: str = "") -> Path:
+    """One panel per metric of CURVES that some variant logged; one line (mean, ± std band) per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(k, t) for k, t in CURVES if any(mean_curve(runs, k)[0] for runs in curves.values())]
+    cols = 3
+    n_rows = max(1, -(-len(panels) // cols))
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.4 * cols, 3.1 * n_rows), squeeze=False)
+    # One colour per variant in every panel, also in panels that only some variants log.
+    colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}
+    for ax, (key, panel_title) in zip(axes.flat, panels, strict=False):
+        for label, runs in curves.items():
+            xs, mean, std = mean_curve(runs, key)
+            if not xs:
+                continue
+            ax.plot(xs, mean, label=label, color=colors[label], marker="o" if len(xs) < 15 else None, ms=3)
+            if any(std):
+                lo = [m - s for m, s in zip(mean, std, strict=True)]
+                hi = [m + s for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.15)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_xlabel("batch")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    if panels:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colors[label], label=label) for label in curves]
+        axes.flat[0].legend(handles=handles, fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def posthoc_eval(run_dir: Path, cfg: dict[str, Any], n: int) -> dict[str, float]:
+    """Greedy pass@1 and avg@n of the run's final checkpoint, with transformers (n samples per prompt)."""
+    from trainer.diagnostics import evaluate_model, load_checkpoint_model
+
+    trainer = cfg["trainer"]
+    model, tokenizer = load_checkpoint_model(trainer["model"], run_dir / "checkpoints")
+    return evaluate_model(
+        model,
+        tokenizer,
+        eval_file=trainer["eval_file"],
+        verifier=trainer.get("eval_verifier", "toy_arith"),
+        n=n,
+        max_prompts=int(trainer.get("eval_max_prompts", 0)),
+        max_new_tokens=int(trainer.get("eval_max_new_tokens", 64)),
+        # The eval's sampling settings, not the worker's: one yardstick for every variant (the top-p ablation).
+        temperature=float(trainer.get("eval_temperature", 1.0)),
+        top_p=float(trainer.get("eval_top_p", 0.9)),
+        seed=int(trainer.get("seed", 0)),
+    )
+
+
+def run_experiment(
+    name: str,
+    base_path: Path,
+    seeds: list[int],
+    batches: int,
+    out: Path,
+    avg_n: int,
+    eval_every: int = 0,
+    only: Sequence[str] = (),
+) -> dict[str, list[dict[str, float]]]:
+    from services.common.config import load_section
+    from services.pipeline import PipelineConfig, run
+    from trainer.report import read_metrics
+
+    with open(base_path, "rb") as fh:
+        base = tomllib.load(fh)
+    exp_dir = out / name
+    runs_dir, configs_dir = exp_dir / "runs", exp_dir / "configs"
+    configs_dir.mkdir(parents=True, exist_ok=True)
+    variants = [v for v in EXPERIMENTS[name] if not only or v.slug in only]
+    if not variants:
+        raise ValueError(f"--only {list(only)} matches none of {[v.slug for v in EXPERIMENTS[name]]}")
+    vocab_size = _vocab_size(base.get("teacher", {}).get("model", ""))
+    # Build (and so check) every config before the first, long, run.
+    plan = []
+    for variant in variants:
+        for seed in seeds:
+            run_name = f"{name}-{variant.slug}-s{seed}"
+            cfg = build_variant_config(
+                base,
+                variant,
+                run_name=run_name,
+                runs_dir=runs_dir,
+                seed=seed,
+                batches=batches,
+                eval_every=eval_every,
+                vocab_size=vocab_size,
+            )
+            path = configs_dir / f"{run_name}.toml"
+            path.write_text(tomli_w.dumps(cfg))
+            plan.append((variant, seed, run_name, cfg, path.resolve()))
+
+    results: dict[str, list[dict[str, float]]] = {v.label: [] for v in variants}
+    curves: dict[str, list[list[dict[str, Any]]]] = {v.label: [] for v in variants}
+    for i, (variant, seed, run_name, cfg, path) in enumerate(plan):
+        log.info("[%d/%d] %s (seed %d)", i + 1, len(plan), variant.label, seed)
+        t0 = time.perf_counter()
+        rc = run(load_section(PipelineConfig, path), path)
+        if rc != 0:
+            raise RuntimeError(f"run {run_name} failed (exit {rc}); see {runs_dir / run_name / 'logs'}")
+        rows = read_metrics(runs_dir / run_name / "metrics.jsonl")
+        summary = summarize_run(rows)
+        summary["seed"], summary["wall_s"] = float(seed), time.perf_counter() - t0
+        if avg_n > 0:
+            post = posthoc_eval(runs_dir / run_name, cfg, avg_n)
+            summary["posthoc/pass@1"], summary["posthoc/avg@n"] = post["pass@1"], post["avg@n"]
+        results[variant.label].append(summary)
+        curves[variant.label].append(rows)
+        # Written after every run, so a long experiment interrupted midway still leaves its partial table.
+        _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n)
+    return results
+
+
+def _vocab_size(model: str) -> int:
+    """The vocabulary size of a local HF model dir (0 = unknown, e.g. a hub id: no capping)."""
+    path = Path(model) / "config.json"
+    return int(json.loads(path.read_text()).get("vocab_size", 0)) if path.is_file() else 0
+
+
+def _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n) -> None:
+    done = {k: v for k, v in results.items() if v}
+    (exp_dir / "results.json").write_text(json.dumps(done, indent=2))
+    table = results_table(done)
+    header = (
+        f"# opd experiment {name}\n\nseeds {seeds}, {batches or 'base-file'} batches per run; pass@1 columns "
+        f"from the trainer's greedy eval (first and last eval); HF columns: final checkpoint, avg@{avg_n} "
+        "at the eval temperature/top-p.\n\n"
+    )
+    (exp_dir / "table.md").write_text(header + table + "\n![curves](curves.png)\n")
+    plot_curves({k: curves[k] for k in done}, exp_dir / "curves.png", title=f"opd experiment {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = [*EXPERIMENTS, "gamma-toy", "diagnostics"]
+    if not argv or argv[0] not in names:
+        print(f"usage: opd experiment {{{','.join(names)}}} [options]", file=sys.stderr)
+        return 2
+    name, rest = argv[0], argv[1:]
+    if name == "gamma-toy":
+        from trainer import gamma_toy
+
+        return gamma_toy.main(rest)
+    if name == "diagnostics":
+        from trainer import diagnostics
+
+        return diagnostics.main(rest)
+
+    from services.common.logs import setup_logging
+
+    setup_logging("experiment")
+    parser = argparse.ArgumentParser(prog=f"opd experiment {name}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (trainer.seed = worker.seed)")
+    parser.add_argument(
+        "--batches", type=int, default=0, help="trainer.max_batches per run (0 = base file's)"
+    )
+    parser.add_argument("--only", default="", help="comma-separated variant slugs to run (default: all)")
+    parser.add_argument("--eval-every", type=int, default=0, help="trainer.eval_every (0 = base file's)")
+    parser.add_argument("--out", default="runs/experiments", help="outputs go to <out>/<name>/")
+    parser.add_argument("--base", default="configs/demo.toml", help="TOML file every variant starts from")
+    parser.add_argument(
+        "--avg-n", type=int, default=4, help="samples per prompt of the post-hoc avg@n (0 = off)"
+    )
+    args = parser.parse_args(rest)
+    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    if not seeds:
+        parser.error("--seeds: give at least one seed")
+    out = Path(args.out)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    results = run_experiment(
+        name, Path(args.base), seeds, args.batches, out, args.avg_n, args.eval_every, only
+    )
+    print(f"\nopd experiment {name}: {out / name / 'table.md'}, {out / name / 'curves.png'}\n")
+    print(results_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
