@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from services.common.config import ConfigBase, ConfigError, opt
+from services.common.config import WEIGHTS_TOKEN_ENV, ConfigBase, ConfigError, opt
 
 OBJECTIVES = ("lsm", "sampled_token", "gamma", "full_kl")
 SUPPORTS = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled")
@@ -15,8 +15,6 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 PUSH_MODES = ("http", "shared")
 VERIFIERS = ("exact_match", "math", "toy_arith")
-# Shared with the rollout service (services/rollout/config.py): one variable holds the weight-update token.
-WEIGHTS_TOKEN_ENV = "OPD_WEIGHTS_TOKEN"
 
 
 @dataclass

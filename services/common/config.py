@@ -18,6 +18,9 @@ from typing import Any, ClassVar, TypeVar
 
 C = TypeVar("C")
 
+# One variable holds the weight-update bearer token for both ends: the rollout service and the trainer.
+WEIGHTS_TOKEN_ENV = "OPD_WEIGHTS_TOKEN"
+
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A config field with its help text. Mutable defaults (lists) are copied per instance."""

@@ -7,12 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from services.common.config import ConfigBase, ConfigError, opt
+from services.common.config import WEIGHTS_TOKEN_ENV, ConfigBase, ConfigError, opt
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# The weight-update token is deliberately read from this shared variable (also used by the trainer).
-WEIGHTS_TOKEN_ENV = "OPD_WEIGHTS_TOKEN"
 
 
 @dataclass
