@@ -12,6 +12,8 @@ opd experiment NAME    paper experiments               trainer/experiments.py
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -43,5 +45,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if argv and argv[0] in ("-h", "--help") else 2
 
 
+def run() -> None:
+    """Process entry point: `main`, then exit without interpreter teardown.
+
+    After a service has drained and stopped cleanly, native threads that gRPC and vLLM leave behind can
+    abort() in their destructors during interpreter finalisation (seen: "terminate called without an active
+    exception", exit -6), which would turn a clean stop into a crash for supervisors and probes. Everything
+    the process owns is closed by then, so the exit skips finalisation after flushing logs and streams.
+    """
+    code = main()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
