@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import grpc
-import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.console import Console
 from rich.live import Live
@@ -77,7 +76,10 @@ def _grpc_serving(address: str) -> bool:
 
 
 def _http_ready(url: str) -> bool:
-    return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    from services.rollout.client import RolloutClient  # imports torch: keep it off `opd up`'s start
+
+    with RolloutClient(url, timeout_s=2, retries=0) as client:
+        return client.ready()
 
 
 def _opd(*args: str) -> list[str]:

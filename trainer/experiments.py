@@ -293,7 +293,7 @@ def run_experiment(
 ) -> dict[str, list[dict[str, float]]]:
     from services.common.config import load_section
     from services.pipeline import PipelineConfig, run
-    from trainer.report import read_metrics
+    from trainer.metrics import read_metrics
 
     with open(base_path, "rb") as fh:
         base = tomllib.load(fh)
@@ -331,7 +331,7 @@ def run_experiment(
         rc = run(load_section(PipelineConfig, path), path)
         if rc != 0:
             raise RuntimeError(f"run {run_name} failed (exit {rc}); see {runs_dir / run_name / 'logs'}")
-        rows = read_metrics(runs_dir / run_name / "metrics.jsonl")
+        rows = read_metrics(runs_dir / run_name)
         summary = summarize_run(rows)
         summary["seed"], summary["wall_s"] = float(seed), time.perf_counter() - t0
         if avg_n > 0:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from trainer.metrics import read_metrics  # noqa: E402
 
 PANELS = [
     ("eval/pass@1", "eval pass@1"),
@@ -21,12 +22,6 @@ PANELS = [
     ("teacher/gap_mean", "teacher - student logprob gap"),
     ("rollout/policy_lag", "policy lag"),
 ]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
@@ -59,7 +54,7 @@ def plot_run(rows: list[dict], out: Path, title: str = "") -> Path:
 
 def write_report(run_dir: Path) -> Path:
     """report.md with before/after eval accuracy and the training curves (plots/training.png)."""
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
     _, evals = series(rows, "eval/pass@1")
     plot = plot_run(rows, run_dir / "plots" / "training.png", title=run_dir.name)
     lines = [f"# Run `{run_dir.name}`", ""]

@@ -15,27 +15,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY_TOY = dict(
-    n_train=60,
-    n_eval=12,
-    hidden_size=64,
-    num_heads=2,
-    num_layers=1,
-    intermediate_size=128,
-    batch_size=8,
-    teacher_steps=6,
-    student_steps=4,
-    warmup_steps=2,
-    eval_max_new_tokens=48,
-    threads=1,
-)
 
-
-def write_config(tmp: Path, name: str, max_batches: int) -> Path:
+def write_config(tmp: Path, name: str, max_batches: int, toy_budget: dict) -> Path:
     toy = tmp / "toy"
     cfg = {
         "up": {"name": name, "out_dir": str(tmp / "runs"), "prepare_toy": True},
-        "toy": {"out": str(toy), **TINY_TOY},
+        "toy": {"out": str(toy), **toy_budget},
         "teacher": {"model": str(toy / "models/teacher"), "device": "cpu"},
         "rollout": {"model": str(toy / "models/student"), "device": "cpu"},
         "worker": {
@@ -76,8 +61,8 @@ def opd_processes(marker: str) -> list[str]:
     ]
 
 
-def test_up_runs_to_completion_and_reports(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "e2e", max_batches=4)
+def test_up_runs_to_completion_and_reports(tmp_path: Path, tiny_toy_budget: dict) -> None:
+    config = write_config(tmp_path, "e2e", max_batches=4, toy_budget=tiny_toy_budget)
     proc = subprocess.run(
         [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
         cwd=ROOT,
@@ -103,8 +88,8 @@ def test_up_runs_to_completion_and_reports(tmp_path: Path) -> None:
     assert opd_processes(str(config)) == []  # no orphans
 
 
-def test_sigterm_stops_every_child(tmp_path: Path) -> None:
-    config = write_config(tmp_path, "stopme", max_batches=10_000)
+def test_sigterm_stops_every_child(tmp_path: Path, tiny_toy_budget: dict) -> None:
+    config = write_config(tmp_path, "stopme", max_batches=10_000, toy_budget=tiny_toy_budget)
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
         cwd=ROOT,

@@ -19,25 +19,10 @@ from trainer.toy.task import generate_and_score, parse_prompt, read_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
-TINY = dict(
-    n_train=60,
-    n_eval=12,
-    hidden_size=64,
-    num_heads=2,
-    num_layers=1,
-    intermediate_size=128,
-    batch_size=8,
-    teacher_steps=6,
-    student_steps=4,
-    warmup_steps=2,
-    eval_max_new_tokens=48,
-    threads=1,
-)
-
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    cfg = ToyConfig(out=str(tmp_path_factory.mktemp("toy")), **TINY)
+def prepared(tmp_path_factory, tiny_toy_budget):
+    cfg = ToyConfig(out=str(tmp_path_factory.mktemp("toy")), **tiny_toy_budget)
     return cfg, prepare(cfg)
 
 
@@ -115,10 +100,10 @@ def test_deterministic_from_seed_and_keyed_by_config(prepared, tmp_path):
     assert reseeded.paths.eval.read_text() != first.paths.eval.read_text()
 
 
-def test_cli_reads_toml_section_and_prints_summary(prepared, tmp_path, capsys):
+def test_cli_reads_toml_section_and_prints_summary(prepared, tmp_path, capsys, tiny_toy_budget):
     cfg, _ = prepared
     toml = tmp_path / "toy.toml"
-    lines = [f"{k} = {json.dumps(v)}" for k, v in TINY.items()]
+    lines = [f"{k} = {json.dumps(v)}" for k, v in tiny_toy_budget.items()]
     toml.write_text("[toy]\n" + "\n".join(lines) + "\n")
     assert main(["--config", str(toml), "--out", cfg.out]) == 0  # same config as the fixture: cached
     out = capsys.readouterr().out

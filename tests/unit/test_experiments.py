@@ -17,7 +17,7 @@ from services.pipeline import check_sections
 from services.rollout.worker import WorkerConfig
 from trainer import diagnostics, experiments
 from trainer.config import TrainerConfig
-from trainer.report import read_metrics
+from trainer.metrics import read_metrics
 
 DEMO = Path(__file__).resolve().parents[2] / "configs" / "demo.toml"
 
@@ -133,7 +133,7 @@ def test_table_aggregates_seeds_from_metrics_files(tmp_path):
         for seed, final in enumerate(values):
             path = tmp_path / label / f"s{seed}" / "metrics.jsonl"
             _write_metrics(path, [0.2, 0.9, final], [40.0, 41.0, 50.0 + seed])
-            results[label].append(experiments.summarize_run(read_metrics(path)))
+            results[label].append(experiments.summarize_run(read_metrics(path.parent)))
     s = results["A"][1]
     assert s["pass@1_before"] == 0.2 and s["pass@1_final"] == 0.7 and s["pass@1_max"] == 0.9
     assert s["response/length"] == 51.0 and s["batches"] == 21 and s["last_eval_batch"] == 20
