@@ -21,9 +21,7 @@ import argparse
 import copy
 import json
 import logging
-import math
 import re
-import statistics
 import sys
 import time
 import tomllib
@@ -33,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from trainer.report import mean_curve, mean_std, plot_curves  # noqa: F401 (mean_curve: API)
 
 log = logging.getLogger("opd.experiment")
 
@@ -86,18 +86,6 @@ EXPERIMENTS: dict[str, list[Variant]] = {
         _support_variant("teacher_topk_plus_sampled"),
     ],
 }
-
-# Curves panels: (metrics key, title). Keys a variant never logs (e.g. clip fraction under LSM) are skipped.
-CURVES = [
-    ("eval/pass@1", "eval pass@1 (greedy)"),
-    ("opd/reward_mean", "training reward (teacher - behaviour logprob)"),
-    ("grad/norm", "grad norm"),
-    ("opd/clip_frac", "clip fraction"),
-    ("response/length", "response length"),
-    ("teacher/gap_mean", "teacher - student logprob gap"),
-    ("loss/lsm", "LSM loss"),
-    ("loss/sampled_token", "sampled-token loss"),
-]
 
 
 def build_variant_config(
@@ -167,13 +155,6 @@ def summarize_run(rows: list[dict[str, Any]]) -> dict[str, float]:
     return out
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 TABLE_COLUMNS = [
     ("pass@1_before", "pass@1 before"),
     ("pass@1_final", "pass@1 last eval"),
@@ -203,61 +184,6 @@ def results_table(results: dict[str, list[dict[str, float]]]) -> str:
             cells.append(fmt.format(mean, std) if values else "–")
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def mean_curve(
-    per_seed: list[list[dict[str, Any]]], key: str
-) -> tuple[list[float], list[float], list[float]]:
-    """Batches where every seed logged `key`, and the across-seed mean and std there."""
-    by_seed = [{r["batch"]: float(r[key]) for r in rows if key in r and "batch" in r} for rows in per_seed]
-    by_seed = [d for d in by_seed if d]
-    if not by_seed:
-        return [], [], []
-    xs = sorted(set.intersection(*(set(d) for d in by_seed)))
-    stats = [mean_std([d[x] for d in by_seed]) for x in xs]
-    return [float(x) for x in xs], [m for m, _ in stats], [s for _, s in stats]
-
-
-def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], out: Path, title: str = "") -> Path:
-    """One panel per metric of CURVES that some variant logged; one line (mean, ± std band) per variant."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(k, t) for k, t in CURVES if any(mean_curve(runs, k)[0] for runs in curves.values())]
-    cols = 3
-    n_rows = max(1, -(-len(panels) // cols))
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.4 * cols, 3.1 * n_rows), squeeze=False)
-    # One colour per variant in every panel, also in panels that only some variants log.
-    colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}
-    for ax, (key, panel_title) in zip(axes.flat, panels, strict=False):
-        for label, runs in curves.items():
-            xs, mean, std = mean_curve(runs, key)
-            if not xs:
-                continue
-            ax.plot(xs, mean, label=label, color=colors[label], marker="o" if len(xs) < 15 else None, ms=3)
-            if any(std):
-                lo = [m - s for m, s in zip(mean, std, strict=True)]
-                hi = [m + s for m, s in zip(mean, std, strict=True)]
-                ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.15)
-        ax.set_title(panel_title, fontsize=10)
-        ax.set_xlabel("batch")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    if panels:
-        from matplotlib.lines import Line2D
-
-        handles = [Line2D([], [], color=colors[label], label=label) for label in curves]
-        axes.flat[0].legend(handles=handles, fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
 
 
 def posthoc_eval(run_dir: Path, cfg: dict[str, Any], n: int) -> dict[str, float]:

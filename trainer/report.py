@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -11,38 +15,68 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from trainer.metrics import read_metrics  # noqa: E402
 
+# Panels of every curve plot: (metrics key, title). Keys a run never logs (clip fraction under LSM) are skipped.
 PANELS = [
-    ("eval/pass@1", "eval pass@1"),
-    ("loss/lsm", "LSM loss"),
-    ("loss/sampled_token", "sampled-token loss"),
+    ("eval/pass@1", "eval pass@1 (greedy)"),
     ("opd/reward_mean", "training reward (teacher - behaviour logprob)"),
     ("grad/norm", "grad norm"),
     ("opd/clip_frac", "clip fraction"),
     ("response/length", "response length"),
     ("teacher/gap_mean", "teacher - student logprob gap"),
+    ("loss/lsm", "LSM loss"),
+    ("loss/sampled_token", "sampled-token loss"),
     ("rollout/policy_lag", "policy lag"),
 ]
 
 
-def series(rows: list[dict], key: str) -> tuple[list[float], list[float]]:
-    xs = [r.get("batch", i) for i, r in enumerate(rows) if key in r]
-    ys = [r[key] for r in rows if key in r]
-    return xs, ys
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def plot_run(rows: list[dict], out: Path, title: str = "") -> Path:
-    panels = [(k, label) for k, label in PANELS if series(rows, k)[1]]
+def mean_curve(
+    per_seed: list[list[dict[str, Any]]], key: str
+) -> tuple[list[float], list[float], list[float]]:
+    """Batches where every seed logged `key`, and the across-seed mean and std there."""
+    by_seed = [{r["batch"]: float(r[key]) for r in rows if key in r and "batch" in r} for rows in per_seed]
+    by_seed = [d for d in by_seed if d]
+    if not by_seed:
+        return [], [], []
+    xs = sorted(set.intersection(*(set(d) for d in by_seed)))
+    stats = [mean_std([d[x] for d in by_seed]) for x in xs]
+    return [float(x) for x in xs], [m for m, _ in stats], [s for _, s in stats]
+
+
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], out: Path, title: str = "") -> Path:
+    """One panel per metric of PANELS that some variant logged; one line (mean, ± std band) per variant."""
+    panels = [(k, t) for k, t in PANELS if any(mean_curve(runs, k)[0] for runs in curves.values())]
     cols = 3
     n_rows = max(1, -(-len(panels) // cols))
-    fig, axes = plt.subplots(n_rows, cols, figsize=(4.2 * cols, 3.0 * n_rows), squeeze=False)
-    for ax, (key, label) in zip(axes.flat, panels, strict=False):
-        xs, ys = series(rows, key)
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
-        ax.set_title(label, fontsize=10)
+    fig, axes = plt.subplots(n_rows, cols, figsize=(4.4 * cols, 3.1 * n_rows), squeeze=False)
+    # One colour per variant in every panel, also in panels that only some variants log.
+    colors = {label: f"C{i % 10}" for i, label in enumerate(curves)}
+    for ax, (key, panel_title) in zip(axes.flat, panels, strict=False):
+        for label, runs in curves.items():
+            xs, mean, std = mean_curve(runs, key)
+            if not xs:
+                continue
+            ax.plot(xs, mean, label=label, color=colors[label], marker="o" if len(xs) < 15 else None, ms=3)
+            if any(std):
+                lo = [m - s for m, s in zip(mean, std, strict=True)]
+                hi = [m + s for m, s in zip(mean, std, strict=True)]
+                ax.fill_between(xs, lo, hi, color=colors[label], alpha=0.15)
+        ax.set_title(panel_title, fontsize=10)
         ax.set_xlabel("batch")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
+    if panels and len(curves) > 1:
+        from matplotlib.lines import Line2D
+
+        handles = [Line2D([], [], color=colors[label], label=label) for label in curves]
+        axes.flat[0].legend(handles=handles, fontsize=7)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -52,10 +86,15 @@ def plot_run(rows: list[dict], out: Path, title: str = "") -> Path:
     return out
 
 
+def plot_run(rows: list[dict], out: Path, title: str = "") -> Path:
+    """The curves of one run: plot_curves with one variant of one seed."""
+    return plot_curves({title or "run": [rows]}, out, title=title)
+
+
 def write_report(run_dir: Path) -> Path:
     """report.md with before/after eval accuracy and the training curves (plots/training.png)."""
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    _, evals = series(rows, "eval/pass@1")
+    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
     plot = plot_run(rows, run_dir / "plots" / "training.png", title=run_dir.name)
     lines = [f"# Run `{run_dir.name}`", ""]
     if evals:
