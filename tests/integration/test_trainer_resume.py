@@ -145,7 +145,8 @@ def test_kill_9_and_resume_is_exactly_once(env):
     committed_at_kill = len(ckpt.read_commit_log(args["checkpoint_dir"]))
     assert committed_at_kill < 8  # the kill landed mid-run (16 records make 8 batches)
     stream = redis_keys.experience_stream("crash")
-    assert client.xpending(stream, redis_keys.CONSUMER_GROUP)["pending"] > 0 or client.xlen(stream) > 0
+    pending_at_kill = client.xpending(stream, redis_keys.CONSUMER_GROUP)["pending"]
+    assert pending_at_kill > 0 or client.xlen(stream) > 0
 
     # Restart with --resume while the rest of the stream arrives; it waits for more (no idle timeout) until
     # SIGTERM, which makes it finish cleanly.
@@ -187,7 +188,9 @@ def test_kill_9_and_resume_is_exactly_once(env):
     )
     for (name, a), b in zip(ref_model.state_dict().items(), model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert "recovered" in log_path.read_text()
+    # The restart reports recovering pending entries exactly when the kill left some (it can land between
+    # an ack and the next read, leaving none).
+    assert ("recovered" in log_path.read_text()) == (pending_at_kill > 0)
 
 
 def test_crash_windows_around_the_commit_point(env):
