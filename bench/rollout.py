@@ -12,7 +12,7 @@
    (what a trainer pushing one body to several servers does), and the server's own share (from its
    `opd_rollout_weight_update_seconds` histogram: parse, validate, hash, device copy, swap).
 
-Both servers run as `python -m services.cli rollout serve --backend ...` subprocesses (vLLM spawns
+Both servers run as `python -m launcher.cli rollout serve --backend ...` subprocesses (vLLM spawns
 processes; and a trainer pushing weights is a separate process too).
 """
 
@@ -38,7 +38,7 @@ from transformers import LlamaForCausalLM
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "proto")]
 
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama, save_model, tiny_llama_config  # noqa: E402
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model, tiny_llama_config  # noqa: E402
 from services.rollout.client import RolloutClient, state_dict_to_safetensors  # noqa: E402
 from services.rollout.protocol import GenerateRequest  # noqa: E402
 
@@ -56,7 +56,7 @@ def free_port() -> int:
 def serve(backend: str, model: Path, extra: list[str], log_dir: Path):
     """`opd rollout serve` for `model` as a subprocess (as deployed: trainer and server are separate processes)."""
     port = free_port()
-    cmd = [sys.executable, "-m", "services.cli", "rollout", "serve", "--backend", backend, "--model", str(model),
+    cmd = [sys.executable, "-m", "launcher.cli", "rollout", "serve", "--backend", backend, "--model", str(model),
            "--port", str(port), "--dtype", "float32", "--max-batch-size", "256", "--log-level", "warning",
            *extra]  # fmt: skip
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", **os.environ, "OPD_WEIGHTS_TOKEN": TOKEN}

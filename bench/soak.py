@@ -3,7 +3,7 @@
     .venv/bin/python bench/soak.py                      # 3 minutes on the cached toy models (runs/toy)
     .venv/bin/python bench/soak.py --duration 600 --out runs/soak-long
 
-Every service runs as its own `python -m services.cli ...` process, as deployed: redis-server (AOF,
+Every service runs as its own `python -m launcher.cli ...` process, as deployed: redis-server (AOF,
 appendfsync always, the production setting of docs/reliability.md), `opd teacher serve` x2, `opd rollout
 serve`, `opd train` (pushing weights to the rollout service after every batch) and `opd rollout work`
 spreading its Score calls over both replicas. After `--warmup` seconds (model loads, allocator warm-up)
@@ -38,7 +38,7 @@ from rich.table import Table
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "proto")]
 
-from services.common.cli_proc import CliProc  # noqa: E402
+from launcher.cli_proc import CliProc  # noqa: E402
 from services.common.redis_server import EmbeddedRedis, free_port  # noqa: E402
 
 console = Console(width=130)
@@ -197,8 +197,8 @@ def main() -> None:
     models = (REPO / args.models).resolve()
     if not (models / "teacher").is_dir() and args.models == ap.get_default("models"):
         # A fresh clone: make the toy models first, as `make demo` would (cached afterwards).
+        from experiments.toy.prepare import ToyConfig, prepare
         from services.common.config import load_section
-        from trainer.toy.prepare import ToyConfig, prepare
 
         prepare(load_section(ToyConfig, REPO / "configs/demo.toml", out=str(REPO / "runs/toy")))
     teacher_ports, teacher_mports = [free_port(), free_port()], [free_port(), free_port()]

@@ -2,7 +2,7 @@
 
 Everything is real and local: a redis-server (EmbeddedRedis), a rollout service (hf backend, uvicorn on
 loopback) receiving a weight push after every batch, and the trainer driver (`trainer.train.run`) reading
-synthetic-but-valid records (real student/teacher log-probabilities, trainer/synthetic.py) from the stream.
+synthetic-but-valid records (real student/teacher log-probabilities, experiments/synthetic.py) from the stream.
 
     .venv/bin/python bench/trainer_step.py                 # small Llama, V ~ 4k, batch 32, mini-batch 16
     .venv/bin/python bench/trainer_step.py --batches 3 --hidden 128 --layers 2
@@ -22,16 +22,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.synthetic import synthetic_records, write_records
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig
 from services.rollout.server import running_server
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
-from trainer.synthetic import synthetic_records, write_records
 from trainer.train import run
 
 TOKEN = "bench-token"

@@ -18,7 +18,7 @@ and every place the trainer reads the teacher uses q':
     full KL     the row covers the vocabulary: s holds log q'(s), each a_i FOREIGN_LOGPROB
 
 q(s) and q(a_i) on every row come from the teacher's candidates, which the worker asks for every row
-(services/rollout/aliasing.py). Multi-token aliases were already folded by the worker; here they only count.
+(services/worker/aliasing.py). Multi-token aliases were already folded by the worker; here they only count.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 
 Greedy decoding goes through the ordinary sampling API: with top_p -> 0 the nucleus (the smallest set whose
 mass reaches top_p) is the single most likely token. Completions are judged on their text up to the first
-special token, exactly as the rollout worker does (services/rollout/worker.py `completion_text`).
+special token, exactly as the rollout worker does (services/worker/loop.py `completion_text`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from services.rollout.prompts import Prompt, load_prompts
+from services.common.prompts import Prompt, load_prompts
+from services.common.verifiers import get_verifier
 from services.rollout.protocol import GenerateRequest
-from services.rollout.verifiers import get_verifier
-from services.rollout.worker import completion_text
+from services.worker.loop import completion_text
 
 Verifier = Callable[[str, str], float]
 # The smallest top_p the rollout API accepts is > 0; this keeps only the argmax token.

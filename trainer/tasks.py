@@ -172,7 +172,7 @@ def eval_tasks(
             )
             metrics = evaluate(client, tokenizer, prompts, verifier, settings)
         elif t.eval_episodes:
-            from services.rollout.episode import evaluate_env
+            from services.worker.episode import evaluate_env
 
             t0 = time.perf_counter()
             success = evaluate_env(

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# `opd` command -> (module, config class): the processes the images run (services/cli.py).
+# `opd` command -> (module, config class): the processes the images run (launcher/cli.py).
 CONFIG_CLASSES: dict[tuple[str, ...], tuple[str, str]] = {
     ("teacher", "serve"): ("services.teacher.config", "TeacherConfig"),
     ("rollout", "serve"): ("services.rollout.config", "RolloutConfig"),
-    ("rollout", "work"): ("services.rollout.worker", "WorkerConfig"),
+    ("rollout", "work"): ("services.worker.loop", "WorkerConfig"),
     ("train",): ("trainer.config", "TrainerConfig"),
 }
 TIMEOUT_S = 5.0

@@ -12,7 +12,7 @@ from the same file (docs/tasks.md):
     weight = 1.0                          # share of the schedule (task_schedule = "mix")
 
     [tasks.rooms]                         # an environment task (multi-turn episodes)
-    env = "rooms"                         # services.rollout.envs.make_env(env, **env_options)
+    env = "rooms"                         # services.worker.envs.make_env(env, **env_options)
     env_options = {}
     max_turns = 8
     teacher_model = "models/agent_teacher"
@@ -60,7 +60,7 @@ class TaskConfig:
     weight: float = opt(1.0, "share of the schedule when trainer.task_schedule = 'mix'")
     prompts: str = opt("", "prompt task: the prompt file (JSONL/Parquet), as worker.prompts")
     verifier: str | None = opt(None, "prompt task: reward of each sample (worker verifier), None = none")
-    env: str = opt("", "environment task: name in services.rollout.envs.ENVIRONMENTS")
+    env: str = opt("", "environment task: name in services.worker.envs.ENVIRONMENTS")
     env_options: dict[str, Any] = opt({}, "environment task: keyword options of make_env")
     max_turns: int = opt(0, "environment task: turn limit of an episode")
     teacher: list[str] = opt([], "this task's teacher replicas (host:port list or dns:///); opd up fills it")
@@ -108,7 +108,7 @@ class TaskConfig:
 
     def eval_env(self) -> Any:
         """A new environment for eval: env_options with eval_env_options over them."""
-        from services.rollout.envs import make_env
+        from services.worker.envs import make_env
 
         return make_env(self.env, **{**self.env_options, **self.eval_env_options})
 
@@ -169,8 +169,8 @@ def load_tasks(path: str | Path | None) -> list[TaskConfig]:
 def validate_worker_overrides(tasks: Sequence[TaskConfig]) -> None:
     """Every [tasks.<name>.worker] / [tasks.<name>.teacher_service] key must be a WorkerConfig /
     TeacherConfig field (caught when the file is read, not in a child's log)."""
-    from services.rollout.worker import WorkerConfig  # lazy: the worker module imports grpc, httpx
     from services.teacher.config import TeacherConfig
+    from services.worker.loop import WorkerConfig  # lazy: the worker module imports grpc, httpx
 
     workers = {f.name for f in dataclasses.fields(WorkerConfig)}
     teachers = {f.name for f in dataclasses.fields(TeacherConfig)}

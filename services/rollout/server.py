@@ -1,7 +1,7 @@
 """`opd rollout serve`: parse the config, build the app, run uvicorn.
 
 vLLM spawns processes: start this through a module with a `__main__` guard
-(`python -m services.cli rollout serve ...` or the `opd` script), never from an interactive import.
+(`python -m launcher.cli rollout serve ...` or the `opd` script), never from an interactive import.
 `running_server` serves an app from a thread on a free loopback port (tests, benchmarks, local pipeline).
 """
 

@@ -11,7 +11,7 @@
   extension in `vllm_ext.py` (`reload_weights` from safetensors files).
 
 The engine spawns processes: create it only in a process started with a `__main__` guard
-(`python -m services.cli rollout serve --backend vllm`), never at import time of a test module.
+(`python -m launcher.cli rollout serve --backend vllm`), never at import time of a test module.
 """
 
 from __future__ import annotations

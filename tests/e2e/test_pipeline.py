@@ -57,14 +57,14 @@ def opd_processes(marker: str) -> list[str]:
     out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
     # The children of `opd up` (not `up` itself) that were started with this config file.
     return [
-        line for line in out.splitlines() if marker in line and "services.cli" in line and " up " not in line
+        line for line in out.splitlines() if marker in line and "launcher.cli" in line and " up " not in line
     ]
 
 
 def test_up_runs_to_completion_and_reports(tmp_path: Path, tiny_toy_budget: dict) -> None:
     config = write_config(tmp_path, "e2e", max_batches=4, toy_budget=tiny_toy_budget)
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
+        [sys.executable, "-m", "launcher.cli", "up", "--config", str(config)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -91,7 +91,7 @@ def test_up_runs_to_completion_and_reports(tmp_path: Path, tiny_toy_budget: dict
 def test_sigterm_stops_every_child(tmp_path: Path, tiny_toy_budget: dict) -> None:
     config = write_config(tmp_path, "stopme", max_batches=10_000, toy_budget=tiny_toy_budget)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
+        [sys.executable, "-m", "launcher.cli", "up", "--config", str(config)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from trainer import checkpoint as ckpt
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -66,7 +66,7 @@ def test_up_with_two_tasks(tmp_path: Path) -> None:
     config = tmp_path / "tasks.toml"
     config.write_bytes(tomli_w.dumps(cfg).encode())
     proc = subprocess.run(
-        [sys.executable, "-m", "services.cli", "up", "--config", str(config)],
+        [sys.executable, "-m", "launcher.cli", "up", "--config", str(config)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,5 +1,5 @@
 """Helpers of the fault tests (tests/integration/test_faults_*.py): real `opd` subprocesses that can be
-killed with SIGKILL and restarted on the same port (`Proc`, from services/common/cli_proc.py), readiness
+killed with SIGKILL and restarted on the same port (`Proc`, from launcher/cli_proc.py), readiness
 waits, Prometheus scraping, and a worker that remembers what it wrote. Not collected by pytest (no test_
 prefix)."""
 
@@ -14,10 +14,10 @@ import grpc
 import httpx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.common.cli_proc import CliProc as Proc
+from launcher.cli_proc import CliProc as Proc
 from services.common.experience import ExperienceRecord, decode
 from services.common.redis_keys import RECORD_FIELD, connect, dead_letter_stream, experience_stream
-from services.rollout.worker import RolloutWorker, WorkerConfig
+from services.worker.loop import RolloutWorker, WorkerConfig
 from tests.integration import stack
 
 ARITH = [(f"{a}+{b}=", str(a + b)) for a, b in [(12, 34), (5, 7), (90, 9), (1, 1), (33, 44), (8, 8), (21, 3)]]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_server import EmbeddedRedis
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig

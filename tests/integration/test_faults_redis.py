@@ -14,8 +14,10 @@ import time
 
 import pytest
 
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from opd.experience.v1 import experience_pb2
 from services.common.experience import encode
+from services.common.prompts import Prompt
 from services.common.redis_keys import (
     CONSUMER_GROUP,
     RECORD_FIELD,
@@ -24,11 +26,9 @@ from services.common.redis_keys import (
     policy_version_key,
 )
 from services.common.redis_server import EmbeddedRedis, free_port
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig
-from services.rollout.prompts import Prompt
 from services.rollout.server import running_server
 from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig

@@ -16,9 +16,9 @@ import pytest
 import safetensors.torch
 from transformers import AutoModelForCausalLM
 
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_keys import connect, policy_version_key
 from services.common.redis_server import EmbeddedRedis, free_port
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.client import RolloutClient
 from services.rollout.engine import state_sha256
 from services.rollout.protocol import GenerateRequest

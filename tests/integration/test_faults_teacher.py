@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_server import EmbeddedRedis, free_port
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_server import free_port
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.client import RolloutClient
 from tests.integration.fault_procs import Proc, wait_until
 

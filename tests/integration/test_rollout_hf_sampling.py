@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
 from services.rollout.config import RolloutConfig

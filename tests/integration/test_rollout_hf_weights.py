@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.config import RolloutConfig

@@ -19,7 +19,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from safetensors.torch import load_file
 
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, state_dict_to_safetensors
 from services.rollout.config import RolloutConfig

@@ -9,9 +9,9 @@ import httpx
 import pytest
 from safetensors.torch import load_file
 
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_keys import connect, policy_version_key
 from services.common.redis_server import EmbeddedRedis
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import AsyncRolloutClient, RolloutClient
 from services.rollout.config import RolloutConfig

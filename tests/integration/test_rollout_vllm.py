@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.engine import state_sha256
 from services.rollout.hf_engine import sample_rows
@@ -80,7 +80,7 @@ def stack(tmp_path_factory):
     port = free_port()
     log_path = root / "server.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OPD_WEIGHTS_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "services.cli", "rollout", "serve", "--backend", "vllm", "--model", str(root / "a"),
+    cmd = [sys.executable, "-m", "launcher.cli", "rollout", "serve", "--backend", "vllm", "--model", str(root / "a"),
            "--port", str(port), "--dtype", "float32", "--vllm-gpu-memory-utilization", "0.1",
            "--vllm-enforce-eager", "--max-model-len", "256", "--max-batch-size", "256"]  # fmt: skip
     with open(log_path, "wb") as log:

@@ -13,9 +13,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from experiments.tiny_models import make_tiny_llama
 from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.common.redis_server import free_port
-from services.common.tiny_models import make_tiny_llama
 from services.teacher.client import TeacherClient, build_sequence
 from services.teacher.server import main
 
@@ -63,7 +63,7 @@ def test_serve_drains_on_sigterm(model_dir, tmp_path):
             [
                 sys.executable,
                 "-m",
-                "services.cli",
+                "launcher.cli",
                 "teacher",
                 "serve",
                 "--model",

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from experiments.tiny_models import make_tiny_llama
 from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
-from services.common.tiny_models import make_tiny_llama
 from services.teacher.client import build_sequence
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer

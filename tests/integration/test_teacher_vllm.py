@@ -21,8 +21,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoModelForCausalLM
 
+from experiments.tiny_models import make_tiny_llama
 from services.common.redis_server import free_port
-from services.common.tiny_models import make_tiny_llama
 from services.teacher.client import TeacherClient
 from services.teacher.scorer import HFScorer, ScoreItem
 
@@ -51,7 +51,7 @@ def vllm_server(model_dir, tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "services.cli",
+            "launcher.cli",
             "teacher",
             "serve",
             "--backend",

@@ -12,9 +12,9 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.common.tiny_models import STUDENT_EOS, TEACHER_EOS
-from trainer.toy.multitask import ROLES, MultiToyConfig, main, prepare
-from trainer.toy.task import parse_prompt, read_jsonl
+from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS
+from experiments.toy.multitask import ROLES, MultiToyConfig, main, prepare
+from experiments.toy.task import parse_prompt, read_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,9 +13,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from services.common.tiny_models import STUDENT_EOS, TEACHER_EOS
-from trainer.toy.prepare import ToyConfig, main, prepare
-from trainer.toy.task import generate_and_score, parse_prompt, read_jsonl
+from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS
+from experiments.toy.prepare import ToyConfig, main, prepare
+from experiments.toy.task import generate_and_score, parse_prompt, read_jsonl
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

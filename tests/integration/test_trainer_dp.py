@@ -12,13 +12,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.synthetic import synthetic_records, write_records
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis, free_port
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
-from trainer.synthetic import synthetic_records, write_records
 from trainer.train import run
 
 pytestmark = pytest.mark.integration
@@ -97,7 +97,7 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
             "--master-port",
             str(free_port()),
             "-m",
-            "services.cli",
+            "launcher.cli",
             "train",
         ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -9,13 +9,13 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.synthetic import synthetic_records, write_records
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
-from trainer.synthetic import synthetic_records, write_records
 from trainer.train import run
 
 pytestmark = pytest.mark.integration

@@ -10,19 +10,19 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.synthetic import synthetic_records, write_records
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import state_sha256
 from services.rollout.server import running_server
-from services.rollout.worker import completion_text
+from services.worker.loop import completion_text
 from trainer.config import TrainerConfig
 from trainer.eval import EvalSettings, evaluate, load_eval_prompts
 from trainer.metrics import read_metrics
-from trainer.synthetic import synthetic_records, write_records
 from trainer.train import run
 from trainer.weight_sync import WeightSync
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.synthetic import synthetic_records, write_records
+from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis
-from services.common.tiny_models import build_char_tokenizer, make_tiny_llama
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
-from trainer.synthetic import synthetic_records, write_records
 from trainer.train import run
 
 pytestmark = pytest.mark.integration
@@ -99,7 +99,7 @@ def _spawn(args: dict, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'proto'}", OMP_NUM_THREADS="1")
     with open(log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "train", *_argv(args)],
+            [sys.executable, "-m", "launcher.cli", "train", *_argv(args)],
             cwd=ROOT,
             env=env,
             stdout=log,

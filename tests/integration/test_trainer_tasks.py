@@ -10,18 +10,18 @@ import threading
 import pytest
 from transformers import AutoModelForCausalLM
 
+from experiments.synthetic import synthetic_records
 from services.common import redis_keys
 from services.common.experience import decode, encode
 from services.common.tasks import TaskSchedule
-from services.rollout.envs.rooms import RoomsEnv
-from services.rollout.episode import observation_text
-from services.rollout.worker import RolloutWorker, parse_worker_config
 from services.teacher.client import TeacherClient
+from services.worker.envs.rooms import RoomsEnv
+from services.worker.episode import observation_text
+from services.worker.loop import RolloutWorker, parse_worker_config
 from tests.integration.stack import loopback_stack
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
-from trainer.synthetic import synthetic_records
 from trainer.train import run
 
 pytestmark = pytest.mark.integration

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 from services.common.config import ConfigError
 from services.common.experience import decode
 from services.common.redis_keys import RECORD_FIELD, connect, experience_stream
-from services.rollout.aliasing import spell_out
-from services.rollout.worker import RolloutWorker, WorkerConfig
+from services.worker.aliasing import spell_out
+from services.worker.loop import RolloutWorker, WorkerConfig
 from tests.integration.stack import loopback_stack
 from trainer.aliases import TrainerAliases
 from trainer.data import check_record, collate, sequences_of
@@ -134,7 +134,7 @@ def test_multi_token_spelling_is_scored_on_the_rewritten_sequence(stack):
 
 
 def test_a_teacher_without_candidates_is_a_clear_startup_error(stack):
-    from services.rollout.aliasing import WorkerAliases
+    from services.worker.aliasing import WorkerAliases
 
     aliases = WorkerAliases.from_config([SINGLE], stack.tok, str(stack.teacher))
     info = stack.teacher_client.info()

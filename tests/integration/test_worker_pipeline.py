@@ -18,16 +18,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode
 from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, experience_stream
 from services.common.redis_server import free_port
-from services.common.tiny_models import build_char_tokenizer
+from services.common.verifiers import exact_match
 from services.rollout.protocol import GenerateRequest
-from services.rollout.verifiers import exact_match
-from services.rollout.worker import RolloutWorker, WorkerConfig, completion_text, request_seed
 from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
+from services.worker.loop import RolloutWorker, WorkerConfig, completion_text, request_seed
 from tests.integration.stack import loopback_stack
 
 pytestmark = pytest.mark.integration
@@ -221,7 +221,7 @@ def test_sigterm_finishes_in_flight_prompts_and_writes_only_whole_records(stack)
     argv = [
         sys.executable,
         "-m",
-        "services.cli",
+        "launcher.cli",
         "rollout",
         "work",
         "--run",

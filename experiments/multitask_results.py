@@ -1,0 +1,77 @@
+"""Results of `opd experiment multitask` (the paper's Table 2 setting): per-task eval summaries of a run,
+the table over variants and seeds, and the curve panels.
+
+Each task's eval metric is what the trainer logs for it (trainer/train.py `_eval_tasks`):
+`task/<name>/eval/pass@1` for a prompt task (greedy, through the rollout service) and
+`task/<name>/eval/success_rate` for an environment task (greedy episodes on held-out seeds).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from experiments.report import PANELS, mean_std, plot_curves, task_panels
+
+EVAL_KEY = re.compile(r"^task/([^/]+)/eval/(pass@1|success_rate)$")
+
+
+def task_eval_keys(rows: list[dict[str, Any]]) -> list[str]:
+    """The per-task eval keys a run logged, in first-seen order."""
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if EVAL_KEY.match(key):
+                seen.setdefault(key, None)
+    return list(seen)
+
+
+def short(key: str) -> str:
+    """`task/rooms/eval/success_rate` -> `rooms success_rate`."""
+    task, metric = EVAL_KEY.match(key).groups()
+    return f"{task} {metric}"
+
+
+def summarize_tasks(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Per task eval metric: its first value (the student before training), last, best, and the batch of the
+    last one; plus the batches trained. Raises when the run logged no per-task eval."""
+    keys = task_eval_keys(rows)
+    if not keys:
+        raise ValueError("the run logged no task/<name>/eval/... (trainer.eval_every = 0, or no tasks?)")
+    out: dict[str, float] = {}
+    for key in keys:
+        points = [(r.get("batch", 0), float(r[key])) for r in rows if key in r]
+        name = short(key)
+        out[f"{name}/before"] = points[0][1]
+        out[f"{name}/final"] = points[-1][1]
+        out[f"{name}/best"] = max(v for _, v in points)
+        out[f"{name}/at_batch"] = float(points[-1][0])
+    out["batches"] = float(max((r.get("batch", 0) for r in rows), default=0))
+    return out
+
+
+def tasks_table(results: dict[str, list[dict[str, float]]]) -> str:
+    """Markdown: one row per variant, `mean ± std` over seeds of each task's before / last / best eval."""
+    names = list(
+        dict.fromkeys(k.rsplit("/", 1)[0] for runs in results.values() for s in runs for k in s if "/" in k)
+    )
+    header = ["variant", "seeds"]
+    for name in names:
+        header += [f"{name} before", f"{name} last", f"{name} best"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, runs in results.items():
+        cells = [label, str(len(runs))]
+        for name in names:
+            for part in ("before", "final", "best"):
+                values = [s[f"{name}/{part}"] for s in runs if f"{name}/{part}" in s]
+                mean, std = mean_std(values)
+                cells.append(f"{mean:.3f} ± {std:.3f}" if values else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_task_curves(curves: dict[str, list[list[dict[str, Any]]]], out: Path, title: str = "") -> Path:
+    """Curves with the per-task eval panels first, then each task's loss, then the usual panels."""
+    rows = [r for runs in curves.values() for seed in runs for r in seed]
+    return plot_curves(curves, out, title=title, panels=task_panels(rows) + PANELS)

