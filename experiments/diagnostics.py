@@ -39,7 +39,7 @@ def load_checkpoint_model(base_model: str, checkpoint_dir: str | Path | None = N
     import safetensors.torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.checkpoint import list_checkpoints
+    from services.common.policy_files import MODEL_FILE, list_checkpoints
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
@@ -47,7 +47,7 @@ def load_checkpoint_model(base_model: str, checkpoint_dir: str | Path | None = N
         ckpts = list_checkpoints(Path(checkpoint_dir))
         if not ckpts:
             raise FileNotFoundError(f"no ckpt-* directory in {checkpoint_dir}")
-        safetensors.torch.load_model(model, str(ckpts[-1] / "model.safetensors"), strict=True)
+        safetensors.torch.load_model(model, str(ckpts[-1] / MODEL_FILE), strict=True)
     return model.eval(), tokenizer
 
 
@@ -111,8 +111,7 @@ def evaluate_model(
 
     `verifier` is a rollout verifier's name or a (completion, answer) -> score function. Texts are judged
     like the rollout worker judges them (up to the first special token)."""
-    from services.common.verifiers import get_verifier
-    from services.worker.loop import completion_text
+    from services.common.verifiers import completion_text, get_verifier
 
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()]
     rows = rows[:max_prompts] if max_prompts else rows

@@ -36,6 +36,7 @@ from typing import Any
 import tomli_w
 
 from experiments.report import mean_curve, mean_std, plot_curves  # noqa: F401 (mean_curve: API)
+from services.common.config import report_config_errors
 
 log = logging.getLogger("opd.experiment")
 
@@ -344,6 +345,7 @@ def _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n) -> Non
     plot_curves({k: curves[k] for k in done}, exp_dir / "curves.png", title=f"opd experiment {name}")
 
 
+@report_config_errors("opd experiment")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     names = [*EXPERIMENTS, "gamma-toy", "diagnostics"]

@@ -2,7 +2,7 @@
 
 opd teacher serve      gRPC teacher service            services/teacher/server.py
 opd rollout serve      HTTP rollout service            services/rollout/server.py
-opd rollout work       rollout worker -> Redis         services/worker/loop.py
+opd rollout work       rollout worker -> Redis         services/worker/main.py
 opd train              trainer                         trainer/train.py
 opd up                 whole pipeline locally          launcher/pipeline.py
 opd toy prepare        toy task data + models          experiments/toy/prepare.py
@@ -20,7 +20,7 @@ import sys
 COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ("teacher", "serve"): ("services.teacher.server", "run the teacher gRPC service"),
     ("rollout", "serve"): ("services.rollout.server", "run the rollout HTTP service"),
-    ("rollout", "work"): ("services.worker.loop", "run a rollout worker (prompts -> Redis)"),
+    ("rollout", "work"): ("services.worker.main", "run a rollout worker (prompts -> Redis)"),
     ("train",): ("trainer.train", "run the trainer"),
     ("up",): ("launcher.pipeline", "run the whole pipeline locally"),
     ("toy", "prepare"): ("experiments.toy.prepare", "make the toy task's data and models"),

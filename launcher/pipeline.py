@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,11 +34,24 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from launcher.plans import check_task_overrides, task_workers, teacher_plans
 from launcher.supervisor import Child, ChildFailed, Supervisor
-from services.common.config import ConfigBase, ConfigError, opt, parse_config, read_toml_section
+from services.common.config import (
+    ConfigBase,
+    ConfigError,
+    Layers,
+    defaults,
+    load,
+    opt,
+    read_toml_section,
+    report_config_errors,
+)
 from services.common.logs import setup_logging
 from services.common.redis_keys import REDIS_PASSWORD_ENV, redacted
 from services.common.redis_server import EmbeddedRedis, free_port
+from services.common.tasks import TaskConfig, load_tasks
+from services.worker.config import WorkerConfig
+from trainer.config import TrainerConfig
 
 log = logging.getLogger("opd.up")
 
@@ -141,30 +154,30 @@ def _status_table(latest: dict, first_eval: float | None) -> Table:
     return table
 
 
-def check_sections(path: Path) -> None:
-    """Cross-process consistency that no single process can check for itself."""
-    from services.common.tasks import load_tasks
-
-    worker, trainer = read_toml_section(path, "worker"), read_toml_section(path, "trainer")
+def check_sections(path: Path) -> list[TaskConfig]:
+    """Cross-process consistency that no single process can check for itself; the file's tasks."""
     tasks = load_tasks(path)
+    check_task_overrides(tasks)
+    worker = {**defaults(WorkerConfig), **read_toml_section(path, "worker")}
+    trainer = {**defaults(TrainerConfig), **read_toml_section(path, "trainer")}
     # With tasks, each task's workers and stream have their own settings: check each one.
     for values in [{**worker, **t.worker} for t in tasks] or [worker]:
         _check_worker_trainer(values, trainer)
+    return tasks
 
 
 def _check_worker_trainer(worker: dict, trainer: dict) -> None:
-    records = int(worker.get("max_backlog", 256))
-    per_record = int(worker.get("group_size", 4))
+    records, per_record = int(worker["max_backlog"]), int(worker["group_size"])
     # Entries leave the stream only at the checkpoint that commits them: checkpoint_every batches stay in it.
-    batch = int(trainer.get("batch_size", 128)) * int(trainer.get("checkpoint_every", 1))
+    batch = int(trainer["batch_size"]) * int(trainer["checkpoint_every"])
     if records * per_record < batch:
         raise ConfigError(
             f"worker.max_backlog ({records} records x group_size {per_record}) must hold at "
             f"least checkpoint_every trainer batches ({batch} sequences), or the pipeline deadlocks"
         )
-    if int(worker.get("top_k", 32)) < int(trainer.get("top_k", 16)):
+    if int(worker["top_k"]) < int(trainer["top_k"]):
         raise ConfigError(
-            f"worker.top_k {worker.get('top_k')} < trainer.top_k {trainer.get('top_k')}: "
+            f"worker.top_k {worker['top_k']} < trainer.top_k {trainer['top_k']}: "
             "records would not carry the support the trainer needs"
         )
 
@@ -182,11 +195,8 @@ def _raise_interrupt(signum, frame) -> None:
 
 
 def run(cfg: PipelineConfig, config_path: Path) -> int:
-    from services.common.tasks import load_tasks, task_workers, teacher_plans
-
     console = Console()
-    check_sections(config_path)
-    tasks = load_tasks(config_path)
+    tasks = check_sections(config_path)
     # SIGTERM (e.g. from a job runner) takes the same clean path as Ctrl-C: children are stopped.
     signal.signal(signal.SIGTERM, _raise_interrupt)
     run_dir = Path(cfg.out_dir) / cfg.name
@@ -343,19 +353,23 @@ def run(cfg: PipelineConfig, config_path: Path) -> int:
     return 0
 
 
+@report_config_errors("opd up")
 def main(argv: list[str] | None = None) -> int:
+    cfg, config_path = load_config(argv)
     setup_logging("up")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per readiness poll otherwise
-    cfg = parse_config(PipelineConfig, argv, prog="opd up")
-    config_path = _config_path(argv)
     return run(cfg, config_path)
 
 
-def _config_path(argv: list[str] | None) -> Path:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return Path(argv[i + 1]).resolve()
-        if a.startswith("--config="):
-            return Path(a.split("=", 1)[1]).resolve()
-    raise ConfigError("opd up needs --config FILE (every service reads its section of it)")
+def load_config(argv: list[str] | None) -> tuple[PipelineConfig, Path]:
+    """The [up] section, and the file every child reads its own section of."""
+    files: list[Path | None] = []
+
+    def remember_file(layers: Layers) -> dict[str, Any]:
+        files.append(layers.path)
+        return {}
+
+    cfg = load(PipelineConfig, argv, remember_file, prog="opd up")
+    if files[0] is None:
+        raise ConfigError("--config: opd up needs a config file (every service reads its section of it)")
+    return cfg, files[0].resolve()

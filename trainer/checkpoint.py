@@ -41,7 +41,8 @@ import safetensors.torch
 import torch
 from torch import nn
 
-CKPT_PREFIX = "ckpt-"
+from services.common.policy_files import MODEL_FILE, STATE_FILE, checkpoint_path, list_checkpoints
+
 COMMIT_LOG = "commits.jsonl"
 
 
@@ -125,32 +126,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def checkpoint_path(ckpt_dir: Path, batch: int) -> Path:
-    return ckpt_dir / f"{CKPT_PREFIX}{batch:08d}"
-
-
-def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    d = Path(ckpt_dir)
-    if not d.is_dir():
-        return []
-    return sorted(p for p in d.iterdir() if p.is_dir() and p.name.startswith(CKPT_PREFIX))
-
-
-def latest_policy(ckpt_dir: str | Path) -> tuple[Path, int] | None:
-    """(model.safetensors, policy_version) of the newest committed checkpoint, or None when there is none.
-
-    A rollout service restarted mid-run serves this (`opd rollout serve --resume-from`): weights are pushed
-    only after the checkpoint holding their version is committed, so it is never older than the last push
-    when checkpoint_every divides push_every, and the trainer's next push brings it current otherwise.
-    """
-    ckpts = list_checkpoints(ckpt_dir)
-    if not ckpts:
-        return None
-    state = json.loads((ckpts[-1] / "state.json").read_text())["state"]
-    return ckpts[-1] / "model.safetensors", int(state["policy_version"])
-
-
 def _append_lines(path: Path, lines: list[dict[str, Any]]) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         for line in lines:
@@ -199,12 +174,10 @@ def save_checkpoint(
     if final.exists():
         raise FileExistsError(f"{final} exists: batch numbers only increase")
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=d))
-    safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+    safetensors.torch.save_model(model, str(tmp / MODEL_FILE))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(
-        json.dumps({"state": dataclasses.asdict(state), **(extra or {})}, indent=1)
-    )
+    (tmp / STATE_FILE).write_text(json.dumps({"state": dataclasses.asdict(state), **(extra or {})}, indent=1))
     for f in tmp.iterdir():
         _fsync_file(f)
     _fsync_dir(tmp)
@@ -234,9 +207,9 @@ def load_latest(
     path = ckpts[-1] if ckpts else None
     state = TrainState()
     if path is not None:
-        state = TrainState(**json.loads((path / "state.json").read_text())["state"])
+        state = TrainState(**json.loads((path / STATE_FILE).read_text())["state"])
         if model is not None:
-            safetensors.torch.load_model(model, str(path / "model.safetensors"), strict=True)
+            safetensors.torch.load_model(model, str(path / MODEL_FILE), strict=True)
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         if restore_rng:

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
-from services.common.config import WEIGHTS_TOKEN_ENV, ConfigBase, ConfigError, opt
+from services.common.config import WEIGHTS_TOKEN_ENV, ConfigBase, ConfigError, Layers, load, opt
+from services.common.experience import SUPPORTS
+from services.common.tasks import load_tasks
 from services.common.token_aliases import parse_aliases
+from services.common.verifiers import VERIFIERS
+from trainer.schedule import SCHEDULES
 
 OBJECTIVES = ("lsm", "sampled_token", "gamma", "full_kl")
-SUPPORTS = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 PUSH_MODES = ("http", "shared")
-VERIFIERS = ("exact_match", "math", "toy_arith")
 
 
 @dataclass
@@ -201,8 +204,6 @@ class TrainerConfig(ConfigBase):
         specs = parse_aliases(self.token_aliases)
         if self.objective == "full_kl" and any(isinstance(sp.teacher, tuple) for sp in specs):
             raise ConfigError("token_aliases: multi-token spellings are not supported with objective full_kl")
-        from services.common.tasks import SCHEDULES, load_tasks
-
         if self.task_schedule not in SCHEDULES:
             raise ConfigError(f"task_schedule: {self.task_schedule!r} is not one of {SCHEDULES}")
         # Not a field: the tasks are the file's [tasks.*] tables, read once here (one source of truth).
@@ -239,3 +240,14 @@ class TrainerConfig(ConfigBase):
         if self.weights_token_file:
             return Path(self.weights_token_file).read_text().strip() or None
         return os.environ.get(WEIGHTS_TOKEN_ENV) or None
+
+
+def tasks_overlay(layers: Layers) -> dict[str, Any]:
+    """`opd train --config F`: the tasks are F's own [tasks.*] tables unless [trainer] names another file."""
+    if layers.path is not None and "tasks_file" not in layers.toml:
+        return {"tasks_file": str(layers.path)}
+    return {}
+
+
+def load_config(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> TrainerConfig:
+    return load(TrainerConfig, argv, tasks_overlay, env=env, prog="opd train")

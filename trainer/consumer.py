@@ -78,24 +78,12 @@ class StreamConsumer:
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run a command, retrying connection errors with backoff until Redis is back (or the timeout)."""
-        deadline = time.monotonic() + self.down_timeout_s
-        delay, down = 0.1, False
-        while True:
-            try:
-                result = fn()
-            except (redis.ConnectionError, redis.TimeoutError) as e:
-                if time.monotonic() > deadline:
-                    raise
-                if not down:
-                    log.warning("Redis unavailable (%s); reconnecting with backoff", e)
-                    down = True
-                time.sleep(delay)
-                delay = min(2 * delay, 2.0)
-                continue
-            if down:
-                log.info("Redis is back")
-                self._reconnected = True
-            return result
+        return redis_keys.call_with_backoff(
+            fn, timeout_s=self.down_timeout_s, max_delay_s=2.0, on_reconnect=self._on_reconnect
+        )
+
+    def _on_reconnect(self) -> None:
+        self._reconnected = True
 
     def _xreadgroup(self, last: str, count: int, block_ms: int | None) -> list[Entry]:
         def go() -> list:

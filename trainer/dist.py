@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from services.common.devices import resolve_device
+
 # Coalesce gradients into buckets of about this many bytes per all-reduce (DDP's default is 25 MiB).
 _BUCKET_BYTES = 25 << 20
 
@@ -45,16 +47,6 @@ class DistContext:
     def comm_device(self) -> torch.device:
         """Where collective buffers live: the GPU for NCCL, the CPU for gloo."""
         return self.device if self.enabled and dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device=cuda but torch sees no CUDA device")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
 
 
 def init_distributed(device_name: str) -> DistContext:

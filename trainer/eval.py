@@ -6,47 +6,18 @@
 
 Greedy decoding goes through the ordinary sampling API: with top_p -> 0 the nucleus (the smallest set whose
 mass reaches top_p) is the single most likely token. Completions are judged on their text up to the first
-special token, exactly as the rollout worker does (services/worker/loop.py `completion_text`).
+special token, exactly as the rollout worker does (services/common/verifiers.py `completion_text`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from services.common.prompts import Prompt, load_prompts
-from services.common.verifiers import get_verifier
-from services.rollout.protocol import GenerateRequest
-from services.worker.loop import completion_text
-
-Verifier = Callable[[str, str], float]
-# The smallest top_p the rollout API accepts is > 0; this keeps only the argmax token.
-GREEDY_TOP_P = 1e-6
-
-
-def math_verify(completion: str, answer: str) -> float:
-    """1.0 when `math-verify` judges the completion's answer equal to `answer` (optional dependency)."""
-    try:
-        from math_verify import parse, verify
-    except ImportError as e:
-        raise RuntimeError(
-            "eval_verifier='math' needs the `math-verify` package (pip install math-verify)"
-        ) from e
-    gold = parse(answer)
-    return 1.0 if verify(gold, parse(completion)) else 0.0
-
-
-def resolve_verifier(name: str) -> Verifier:
-    """The verifier called `name`: 'math' (math-verify, checked importable now) or one of the worker's."""
-    if name == "math":
-        math_verify("1", "1")  # fail at start, not at the first eval, when the package is missing
-        return math_verify
-    verifier = get_verifier(name)
-    if verifier is None:
-        raise ValueError("no verifier name given")
-    return verifier
+from services.common.verifiers import Verifier, completion_text
+from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest
 
 
 @dataclass

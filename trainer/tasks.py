@@ -15,14 +15,19 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 
 from services.common.experience import ExperienceRecord
+from services.common.tasks import TaskConfig
+from services.common.verifiers import get_verifier
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.consumer import ExperienceReader, StreamConsumer
+
+if TYPE_CHECKING:
+    from services.worker.envs.base import Environment
 
 log = logging.getLogger("trainer")
 
@@ -137,12 +142,12 @@ def task_metrics(
 
 def load_task_evals(cfg: TrainerConfig, tokenizer: Any) -> dict[str, tuple[list, Any]]:
     """Prompt task -> (its eval prompts, its verifier), for the tasks with an eval_file."""
-    from trainer.eval import load_eval_prompts, resolve_verifier
+    from trainer.eval import load_eval_prompts
 
     return {
         t.name: (
             load_eval_prompts(t.eval_file, tokenizer, cfg.eval_max_prompts),
-            resolve_verifier(t.resolved_eval_verifier),
+            get_verifier(t.resolved_eval_verifier),
         )
         for t in cfg.tasks
         if t.eval_file
@@ -176,7 +181,7 @@ def eval_tasks(
 
             t0 = time.perf_counter()
             success = evaluate_env(
-                make_env=t.eval_env,
+                make_env=lambda t=t: eval_env(t),
                 seeds=t.eval_seeds(),
                 rollout=client,
                 tokenizer=tokenizer,
@@ -189,3 +194,10 @@ def eval_tasks(
             continue
         out.update({f"task/{t.name}/{k}": v for k, v in metrics.items()})
     return out
+
+
+def eval_env(task: TaskConfig) -> Environment:
+    """A new environment for a task's eval: its env_options with eval_env_options over them."""
+    from services.worker.envs import make_env
+
+    return make_env(task.env, **{**task.env_options, **task.eval_env_options})

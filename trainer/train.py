@@ -29,20 +29,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from services.common import redis_keys
-from services.common.config import ConfigError, to_dict
+from services.common.config import ConfigError, report_config_errors, to_dict
 from services.common.experience import ExperienceRecord, decode
 from services.common.logs import setup_logging
-from services.common.tasks import TaskSchedule
+from services.common.verifiers import get_verifier
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer import tasks as task_streams
 from trainer.aliases import TrainerAliases
-from trainer.config import TrainerConfig
+from trainer.config import TrainerConfig, load_config
 from trainer.consumer import BatchRead
 from trainer.data import check_record, collate, sequences_of, split_even
 from trainer.lr_schedule import warmup_cosine
 from trainer.metrics import MetricsWriter, mean_metrics
 from trainer.objective import compute_objective, lm_head_gradient_variance
+from trainer.schedule import TaskSchedule
 
 log = logging.getLogger("trainer")
 
@@ -483,10 +484,10 @@ def _setup_rank_zero(
     if cfg.eval_every and cfg.tasks:
         r0.task_evals = task_streams.load_task_evals(cfg, tokenizer)
     elif cfg.eval_every:
-        from trainer.eval import load_eval_prompts, resolve_verifier
+        from trainer.eval import load_eval_prompts
 
         r0.eval_prompts = load_eval_prompts(cfg.eval_file, tokenizer, cfg.eval_max_prompts)
-        r0.verifier = resolve_verifier(cfg.eval_verifier)
+        r0.verifier = get_verifier(cfg.eval_verifier)
     return r0
 
 
@@ -556,15 +557,9 @@ def _eval(cfg: TrainerConfig, state: ckpt.TrainState, r0: RankZero, tokenizer: A
     return evaluate(r0.eval_client, tokenizer, r0.eval_prompts, r0.verifier, settings)
 
 
+@report_config_errors("opd train")
 def main(argv: list[str] | None = None) -> int:
-    from services.common.config import build_config
-    from services.common.tasks import cli_layers
-
-    values, cli, path = cli_layers(TrainerConfig, argv, "opd train")
-    if path is not None and "tasks_file" not in values:
-        # The [tasks.*] of the file every process reads (none: no tasks); TrainerConfig reads them once.
-        values["tasks_file"] = str(path)
-    cfg = build_config(TrainerConfig, values, cli=cli)
+    cfg = load_config(argv)
     setup_logging("trainer")
     stop = StopFlag()
     stop.install()

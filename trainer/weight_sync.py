@@ -29,22 +29,11 @@ import redis
 from torch import nn
 
 from services.common import redis_keys
+from services.common.policy_files import SHARED_PREFIX, shared_path
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.protocol import WeightInfo
 
 log = logging.getLogger(__name__)
-
-
-SHARED_PREFIX = "policy-"
-
-
-def latest_shared(shared_dir: str | Path) -> tuple[Path, int] | None:
-    """(file, version) of the newest `policy-<N>.safetensors` a shared-mode push wrote, or None."""
-    d = Path(shared_dir)
-    files = sorted(d.glob(f"{SHARED_PREFIX}*.safetensors")) if d.is_dir() else []
-    if not files:
-        return None
-    return files[-1], int(files[-1].stem[len(SHARED_PREFIX) :])
 
 
 class WeightSync:
@@ -88,7 +77,7 @@ class WeightSync:
     def _write_shared(self, body: bytes, version: int) -> str:
         assert self.shared_dir is not None
         self.shared_dir.mkdir(parents=True, exist_ok=True)
-        final = self.shared_dir / f"{SHARED_PREFIX}{version:08d}.safetensors"
+        final = shared_path(self.shared_dir, version)
         tmp = final.with_suffix(".tmp")
         with open(tmp, "wb") as fh:
             fh.write(body)
@@ -117,7 +106,7 @@ class WeightSync:
             for info in infos:
                 if info.version != version:
                     raise RuntimeError(f"rollout reports version {info.version} after a push of {version}")
-        self._redis_retry(lambda: self.redis.set(self.key, version))
+        redis_keys.call_with_backoff(lambda: self.redis.set(self.key, version), timeout_s=self.down_timeout_s)
         return time.perf_counter() - t0
 
     def _send_until_up(self, i: int, send: Callable[[RolloutClient], WeightInfo], version: int) -> WeightInfo:
@@ -147,19 +136,6 @@ class WeightSync:
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 
-    def _redis_retry(self, fn: Callable[[], object]) -> None:
-        """Retry a Redis write through a restart of Redis (idempotent writes only)."""
-        deadline = time.monotonic() + self.down_timeout_s
-        while True:
-            try:
-                fn()
-                return
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                log.warning("Redis unavailable while setting %s; retrying", self.key)
-                time.sleep(0.5)
-
     def reconcile(self, model: nn.Module, version: int) -> int:
         """Bring the servers to the trainer's weights at start; returns the trainer's (possibly raised) version."""
         served = self.versions()
@@ -179,5 +155,7 @@ class WeightSync:
             log.info("rollouts %s are behind version %d: pushing it", behind, version)
             self.push(model, version, only=behind)
         else:
-            self._redis_retry(lambda: self.redis.set(self.key, version))
+            redis_keys.call_with_backoff(
+                lambda: self.redis.set(self.key, version), timeout_s=self.down_timeout_s
+            )
         return version

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 from rich.console import Console
 from rich.table import Table
 
-from services.common.config import ConfigBase, ConfigError, opt, parse_config
+from services.common.config import ConfigBase, ConfigError, load, opt, report_config_errors
 
 # Fields that say where or how fast to run, not what is made: they are left out of the cache key.
 NOT_HASHED = ("out", "force", "device", "threads")
@@ -168,10 +168,11 @@ def run_cli(
     argv: list[str] | None,
 ) -> int:
     """Parse the config (exit 2 with the reason on a bad one), prepare, print the summary table."""
-    try:
-        cfg = parse_config(config_cls, argv, prog=prog)
-    except ConfigError as e:
-        Console(stderr=True).print(f"[red]{prog}: {e}")
-        return 2
-    Console().print(summary_table(prepare(cfg)))
-    return 0
+
+    @report_config_errors(prog)
+    def main() -> int:
+        cfg = load(config_cls, argv, prog=prog)
+        Console().print(summary_table(prepare(cfg)))
+        return 0
+
+    return main()

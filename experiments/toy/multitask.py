@@ -354,8 +354,9 @@ def agent_success(
     model: Any, tokenizer: Any, cfg: MultiToyConfig, greedy: bool, seed: int = 0, seeds: Sequence[int] = ()
 ) -> tuple[float, float, list[str]]:
     """(success rate, mean turns, the first episode's transcript) over `seeds` (default: the eval seeds)."""
+    from services.rollout.protocol import GREEDY_TOP_P
     from services.worker.envs import make_env
-    from services.worker.episode import GREEDY_TOP_P, Episode, encode_text, observation_text, play
+    from services.worker.episode import Episode, encode_text, observation_text, play
 
     was_training = model.training
     options = cfg.env_options()

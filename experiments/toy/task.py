@@ -28,12 +28,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from experiments.tiny_models import BOS, PAD, STUDENT_EOS, TEACHER_EOS, UNK, build_char_tokenizer
+from services.common.verifiers import toy_arith_answer
 
 # Digits, the two operators and the line break: everything a prompt or a completion can contain.
 ALPHABET = "0123456789+=\n"
 SPECIAL_TOKENS = (PAD, BOS, UNK, STUDENT_EOS, TEACHER_EOS)
 END_MARKERS = (STUDENT_EOS, TEACHER_EOS)
-_ANSWER_LINE = re.compile(r"=([0-9]+)")  # ASCII digits only (\d also matches e.g. "１")
 
 
 @dataclass(frozen=True)
@@ -161,22 +161,9 @@ def build_tokenizer(eos_token: str) -> PreTrainedTokenizerFast:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer of a completion, or None when it has no well-formed answer line.
-
-    The completion ends at its first end marker (whichever model's); trailing whitespace is ignored; the
-    last line must be exactly `=` followed by digits.
-    """
-    if not isinstance(completion, str):
-        return None
-    cut = len(completion)
-    for marker in END_MARKERS:
-        i = completion.find(marker)
-        if i != -1:
-            cut = min(cut, i)
-    text = completion[:cut].rstrip()
-    last_line = text.rsplit("\n", 1)[-1]
-    m = _ANSWER_LINE.fullmatch(last_line)
-    return m.group(1) if m else None
+    """The final answer of a completion decoded with its special tokens, or None when it has no well-formed
+    answer line: the `toy_arith` verifier's rule (services/common/verifiers.py), cut at either end marker."""
+    return toy_arith_answer(completion, END_MARKERS)
 
 
 def verify(completion: str, answer: str) -> bool:

@@ -1,7 +1,9 @@
 """Typed configuration: one dataclass per process; CLI flags and environment variables derive from it.
 
-Precedence, lowest first: the dataclass default, the process's section of a TOML file (`--config`), the
-environment (`<ENV_PREFIX><FIELD>`, e.g. `OPD_TEACHER_PORT`), then command-line flags (`--port`).
+`load(cls, argv, overlay)` is the one loader of every process. Precedence, lowest first: the dataclass default,
+the process's section of a TOML file (`--config`), the process's overlay (e.g. a worker's task table), the
+environment (`<ENV_PREFIX><FIELD>`, e.g. `OPD_TEACHER_PORT`), then command-line flags (`--port`). Every entry
+point reports a bad value the same way (`report_config_errors`: one line on stderr, exit code 2).
 Each field's help text lives in `field(metadata={"help": ...})`; defaults are written once, in the class.
 """
 
@@ -9,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
+import sys
 import tomllib
 import types
 import typing
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 C = TypeVar("C")
+P = ParamSpec("P")
 
 # One variable holds the weight-update bearer token for both ends: the rollout service and the trainer.
 WEIGHTS_TOKEN_ENV = "OPD_WEIGHTS_TOKEN"
@@ -111,11 +117,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """One flag per field; all default to None so that unset flags do not override lower layers."""
     parser.add_argument("--config", type=Path, default=None, help="TOML file; this process reads its section")
     hints = typing.get_type_hints(cls)
+    values = defaults(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         base, _ = _base_type(tp)
         help_text = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = values[f.name]
         help_text = f"{help_text} (default: {default!r}; env {env_name(cls, f.name)})".replace("%", "%%")
         if base is bool:
             parser.add_argument(
@@ -140,7 +147,7 @@ def read_toml_section(path: Path | None, section: str) -> dict[str, Any]:
 def build_config(
     cls: type[C],
     toml_values: dict[str, Any] | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     cli: dict[str, Any] | None = None,
 ) -> C:
     """Merge the layers into an instance of `cls` (whose __post_init__ validates)."""
@@ -162,14 +169,71 @@ def build_config(
     return cls(**values)
 
 
-def parse_config(cls: type[C], argv: list[str] | None = None, prog: str | None = None) -> C:
-    """Parse a process config from argv, the environment and an optional TOML file."""
+@dataclasses.dataclass(frozen=True)
+class Layers:
+    """A process's configuration sources before they are merged (what an overlay may look at)."""
+
+    toml: dict[str, Any]  # the process's section of the --config file ({} without one)
+    path: Path | None  # the --config file
+    env: Mapping[str, str]  # the environment
+    cli: dict[str, Any]  # flags given on the command line (unset flags are None)
+
+
+# Values a process adds between its TOML section and the environment, e.g. a worker's task table.
+Overlay = Callable[[Layers], dict[str, Any]]
+
+
+def load(
+    cls: type[C],
+    argv: Sequence[str] | None = None,
+    overlay: Overlay | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    prog: str | None = None,
+) -> C:
+    """The one config loader of every process.
+
+    Precedence, lowest first: the dataclass defaults, the class's section of the `--config` TOML file,
+    `overlay(layers)`, the environment (`<ENV_PREFIX><FIELD>`), then the command-line flags. Raises
+    ConfigError (naming the field and the value) for a bad value; argparse exits 2 on an unknown flag.
+    """
     parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
     add_arguments(parser, cls)
-    ns = parser.parse_args(argv)
-    cli = vars(ns)
+    cli = vars(parser.parse_args(None if argv is None else list(argv)))
     path = cli.pop("config")
-    return build_config(cls, read_toml_section(path, cls.SECTION), cli=cli)
+    env = os.environ if env is None else env
+    toml = read_toml_section(path, cls.SECTION)
+    values = dict(toml)
+    if overlay is not None:
+        values.update(overlay(Layers(toml=toml, path=path, env=env, cli=cli)))
+    return build_config(cls, values, env=env, cli=cli)
+
+
+def defaults(cls: type) -> dict[str, Any]:
+    """Each field's default, as written in the class (for checks that read raw TOML sections)."""
+    return {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        for f in dataclasses.fields(cls)
+    }
+
+
+def report_config_errors(prog: str) -> Callable[[Callable[P, int]], Callable[P, int]]:
+    """Decorate a process's `main`: a ConfigError anywhere in it becomes one line on stderr
+    (`<prog>: <field>: <why>`) and exit code 2, never a traceback. The one way every entry point reports
+    a bad configuration."""
+
+    def wrap(main: Callable[P, int]) -> Callable[P, int]:
+        @functools.wraps(main)
+        def wrapped(*args: P.args, **kwargs: P.kwargs) -> int:
+            try:
+                return main(*args, **kwargs)
+            except ConfigError as e:
+                print(f"{prog}: {e}", file=sys.stderr)
+                return 2
+
+        return wrapped
+
+    return wrap
 
 
 def load_section(cls: type[C], path: Path | str, **overrides: Any) -> C:

@@ -15,6 +15,9 @@ from google.protobuf.message import DecodeError
 from opd.experience.v1 import experience_pb2 as pb
 
 SCHEMA_VERSION = 1
+# Support variants (DESIGN.md 1): the ids a loss is taken over at each position; a record carries what its
+# variant needs (student_topk: the behaviour top ids as teacher candidates).
+SUPPORTS = ("teacher_topk", "student_topk", "teacher_topk_plus_sampled")
 I32, F32 = np.dtype("<i4"), np.dtype("<f4")
 
 

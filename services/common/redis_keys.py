@@ -1,13 +1,20 @@
-"""Redis layout (DESIGN.md 3.3): one place that spells every key."""
+"""Redis layout (DESIGN.md 3.3): one place that spells every key; connecting, and the one reconnect backoff."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+import threading
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import redis
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONSUMER_GROUP = "trainers"
 # The Redis password when the URL carries none (compose/k8s secrets are files; `opd up` sets the variable).
@@ -76,3 +83,46 @@ def ensure_group(client: redis.Redis, run: str, task: str = "") -> None:
     except redis.ResponseError as e:
         if "BUSYGROUP" not in str(e):
             raise
+
+
+class RedisDown(redis.ConnectionError):
+    """Redis stayed unreachable past the deadline, or a stop was asked while waiting for it."""
+
+
+def call_with_backoff(
+    fn: Callable[[], T],
+    *,
+    timeout_s: float | None = None,
+    stop: threading.Event | None = None,
+    max_delay_s: float = 5.0,
+    on_reconnect: Callable[[], None] | None = None,
+) -> T:
+    """Run a Redis command, retrying connection errors with exponential backoff (0.1 s up to `max_delay_s`)
+    until Redis answers again: redis-py reconnects on the next command, and a restarted Redis with AOF keeps
+    the streams. Gives up with `RedisDown` after `timeout_s` (None = never) or once `stop` is set.
+    `on_reconnect` runs once when a command succeeds after a failure (e.g. to re-read a pending list).
+    Only for idempotent commands, or ones made idempotent (the worker's append script)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    delay, down = 0.1, False
+    while True:
+        try:
+            result = fn()
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if stop is not None and stop.is_set():
+                raise RedisDown(f"Redis unavailable during stop: {e}") from e
+            if deadline is not None and time.monotonic() > deadline:
+                raise RedisDown(f"Redis unavailable for more than {timeout_s:.0f} s: {e}") from e
+            if not down:
+                log.warning("Redis unavailable (%s); reconnecting with backoff", e)
+                down = True
+            if stop is not None:
+                stop.wait(delay)
+            else:
+                time.sleep(delay)
+            delay = min(delay * 2, max_delay_s)
+            continue
+        if down:
+            log.info("Redis is back")
+            if on_reconnect is not None:
+                on_reconnect()
+        return result

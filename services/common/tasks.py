@@ -32,8 +32,6 @@ evenly as the weights allow; deterministic, so a resumed run continues the same 
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import re
 import tomllib
 import typing
@@ -42,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.config import ConfigError, _coerce, add_arguments, opt, read_toml_section
+from services.common.config import ConfigError, _coerce, opt
 
-SCHEDULES = ("alternate", "mix")
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
 # Held-out env seeds for eval start here; training episodes use seeds 0 .. worker.env_seeds - 1.
 EVAL_SEED_BASE = 1_000_000
@@ -106,12 +103,6 @@ class TaskConfig:
     def resolved_eval_verifier(self) -> str:
         return self.eval_verifier or self.verifier or "exact_match"
 
-    def eval_env(self) -> Any:
-        """A new environment for eval: env_options with eval_env_options over them."""
-        from services.worker.envs import make_env
-
-        return make_env(self.env, **{**self.env_options, **self.eval_env_options})
-
     def eval_seeds(self) -> list[int]:
         """Held-out environment seeds, disjoint from every training seed (those are < EVAL_SEED_BASE)."""
         return [EVAL_SEED_BASE + i for i in range(self.eval_episodes)]
@@ -157,31 +148,11 @@ def parse_tasks(raw: Any, where: str = "tasks") -> list[TaskConfig]:
 
 
 def load_tasks(path: str | Path | None) -> list[TaskConfig]:
-    """The tasks of a TOML file (empty when it has none), with the cross-task checks."""
+    """The tasks of a TOML file (empty when it has none)."""
     if not path:
         return []
     with open(path, "rb") as fh:
-        tasks = parse_tasks(tomllib.load(fh).get("tasks"))
-    validate_worker_overrides(tasks)
-    return tasks
-
-
-def validate_worker_overrides(tasks: Sequence[TaskConfig]) -> None:
-    """Every [tasks.<name>.worker] / [tasks.<name>.teacher_service] key must be a WorkerConfig /
-    TeacherConfig field (caught when the file is read, not in a child's log)."""
-    from services.teacher.config import TeacherConfig
-    from services.worker.loop import WorkerConfig  # lazy: the worker module imports grpc, httpx
-
-    workers = {f.name for f in dataclasses.fields(WorkerConfig)}
-    teachers = {f.name for f in dataclasses.fields(TeacherConfig)}
-    for t in tasks:
-        for table, values, known in (
-            ("worker", t.worker, workers),
-            ("teacher_service", t.teacher_service, teachers),
-        ):
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ConfigError(f"tasks.{t.name}.{table}: unknown keys {unknown}")
+        return parse_tasks(tomllib.load(fh).get("tasks"))
 
 
 def find_task(tasks: Sequence[TaskConfig], name: str) -> TaskConfig:
@@ -189,109 +160,3 @@ def find_task(tasks: Sequence[TaskConfig], name: str) -> TaskConfig:
         if t.name == name:
             return t
     raise ConfigError(f"task {name!r} is not one of the configured tasks {[t.name for t in tasks]}")
-
-
-# ------------------------------------------------------------------------------------------ schedule
-
-
-class TaskSchedule:
-    """Which task each trainer batch comes from: a deterministic function of the batch index.
-
-    alternate: batch b trains task b mod n (file order).
-    mix:       smooth weighted round-robin (each step every task gains its weight, the richest is chosen
-               and pays the total): over any run of batches, task i's count stays within one of
-               b * w_i / sum(w).
-    """
-
-    def __init__(self, weights: Sequence[float], schedule: str = "alternate", start_batch: int = 0) -> None:
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"task_schedule: {schedule!r} is not one of {SCHEDULES}")
-        if not weights or any(not w > 0 for w in weights):
-            raise ConfigError(f"task weights must be > 0, got {list(weights)}")
-        self.weights = [float(w) for w in weights]
-        self.schedule = schedule
-        self.batch = 0
-        self._credit = [0.0] * len(self.weights)
-        for _ in range(start_batch):  # replay: the schedule is a function of the batch index alone
-            self.next()
-
-    def next(self) -> int:
-        """The task index of the next batch."""
-        b = self.batch
-        self.batch += 1
-        if self.schedule == "alternate":
-            return b % len(self.weights)
-        total = sum(self.weights)
-        for i, w in enumerate(self.weights):
-            self._credit[i] += w
-        best = max(range(len(self.weights)), key=lambda i: (self._credit[i], -i))
-        self._credit[best] -= total
-        return best
-
-
-# ------------------------------------------------------------------------------------------- opd up
-
-
-@dataclass(frozen=True)
-class TeacherPlan:
-    """One teacher process of `opd up`: its task ("" = no tasks), child name, and environment overrides."""
-
-    task: str
-    child_name: str
-    env: dict[str, str]
-
-
-def _env_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return ",".join(str(v) for v in value)
-    return str(value)
-
-
-def teacher_plans(tasks: Sequence[TaskConfig], replicas: int) -> list[TeacherPlan]:
-    """The teacher processes of a run: `replicas` of [teacher] without tasks, else per task its own
-    deployment (`teacher_model` and `teacher_service` over [teacher], its `teacher_replicas` or `replicas`)."""
-    if not tasks:
-        return [TeacherPlan("", f"teacher-{i}", {}) for i in range(replicas)]
-    plans = []
-    for t in tasks:
-        overrides = dict(t.teacher_service)
-        if t.teacher_model:
-            overrides["model"] = t.teacher_model
-        env = {f"OPD_TEACHER_{k.upper()}": _env_value(v) for k, v in overrides.items()}
-        plans += [
-            TeacherPlan(t.name, f"teacher-{t.name}-{i}", env) for i in range(t.teacher_replicas or replicas)
-        ]
-    return plans
-
-
-def task_workers(tasks: Sequence[TaskConfig], task: str, default: int) -> int:
-    """Worker processes of a task: its [tasks.<name>.worker] num_workers, else `default` ([up]'s)."""
-    return int(find_task(tasks, task).worker.get("num_workers", default)) if task else default
-
-
-# ----------------------------------------------------------------------------- process config loading
-
-
-def config_path_of(argv: Sequence[str]) -> Path | None:
-    """The `--config FILE` of an argv, if any."""
-    argv = list(argv)
-    for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
-            return Path(argv[i + 1])
-        if a.startswith("--config="):
-            return Path(a.split("=", 1)[1])
-    return None
-
-
-def cli_layers(
-    cls: type, argv: Sequence[str] | None, prog: str
-) -> tuple[dict[str, Any], dict[str, Any], Path | None]:
-    """`parse_config`'s layers before they are merged: (the TOML section, the CLI flags, the file), so that
-    a process can put its task's values between the section and the environment."""
-    parser = argparse.ArgumentParser(prog=prog, description=(cls.__doc__ or "").strip().splitlines()[0])
-    add_arguments(parser, cls)
-    cli = vars(parser.parse_args(argv))
-    path = cli.pop("config")
-    return read_toml_section(path, cls.SECTION), cli, path

@@ -1,13 +1,21 @@
-"""Verifiers: `(completion_text, answer) -> reward` functions, looked up by name from the worker config.
+"""Verifiers: `(completion_text, answer) -> reward` functions, the one registry both the worker (rewards) and
+the trainer's eval (pass@1) look names up in.
 
-Rewards are logged and stored with the experience (for evaluation and reward-based baselines); the
-distillation loss itself does not need them.
+    exact_match  the completion's final answer (boxed / `answer:` / last line) equals the answer
+    toy_arith    the synthetic addition task: the last line is `=<digits>` and the digits equal the answer
+    math         `math-verify` judges the answers equal (optional dependency, checked when looked up)
+
+Both judge `completion_text`: the completion up to its first special token, decoded. Rewards are logged and
+stored with the experience (for evaluation and reward-based baselines); the distillation loss does not need
+them.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 Verifier = Callable[[str, str], float]
 
@@ -45,25 +53,67 @@ def exact_match(completion: str, answer: str) -> float:
     return 1.0 if answer.strip() and _same(final_answer(completion), answer.strip()) else 0.0
 
 
-def _toy_arith() -> Verifier:
-    # Lazy: the toy task lives in the trainer package, which a worker image need not import otherwise.
-    try:
-        from experiments.toy.task import verify
-    except ImportError as e:
-        raise ValueError(f"verifier 'toy_arith' needs experiments.toy.task.verify: {e}") from e
-    return lambda completion, answer: float(verify(completion, answer))
+_TOY_ANSWER_LINE = re.compile(r"=([0-9]+)")  # ASCII digits only (\d also matches e.g. "１")
+
+
+def toy_arith_answer(completion: str, end_markers: Sequence[str] = ()) -> str | None:
+    """The toy addition task's final answer, or None when the completion has no well-formed answer line.
+
+    The completion ends at its first end marker (any of `end_markers`); trailing whitespace is ignored; the
+    last line must be exactly `=` followed by ASCII digits.
+    """
+    if not isinstance(completion, str):
+        return None
+    cut = len(completion)
+    for marker in end_markers:
+        i = completion.find(marker)
+        if i != -1:
+            cut = min(cut, i)
+    last_line = completion[:cut].rstrip().rsplit("\n", 1)[-1]
+    m = _TOY_ANSWER_LINE.fullmatch(last_line)
+    return m.group(1) if m else None
+
+
+def toy_arith(completion: str, answer: str) -> float:
+    """1.0 iff the toy completion's final answer equals `answer` exactly (as a digit string)."""
+    got = toy_arith_answer(completion)
+    return 1.0 if got is not None and got == str(answer).strip() else 0.0
+
+
+def math_verify(completion: str, answer: str) -> float:
+    """1.0 when `math-verify` judges the completion's answer equal to `answer` (optional dependency)."""
+    from math_verify import parse, verify
+
+    return 1.0 if verify(parse(answer), parse(completion)) else 0.0
+
+
+def _math() -> Verifier:
+    if importlib.util.find_spec("math_verify") is None:  # fail when looked up (at start), not at first use
+        raise ValueError("verifier 'math' needs the `math-verify` package (pip install math-verify)")
+    return math_verify
 
 
 _VERIFIERS: dict[str, Callable[[], Verifier]] = {
     "exact_match": lambda: exact_match,
-    "toy_arith": _toy_arith,
+    "toy_arith": lambda: toy_arith,
+    "math": _math,
 }
+VERIFIERS = tuple(_VERIFIERS)
 
 
 def get_verifier(name: str | None) -> Verifier | None:
-    """The verifier called `name`; None for no name. Unknown names raise ValueError listing the known."""
+    """The verifier called `name`; None for no name. Unknown names (or a missing optional dependency) raise
+    ValueError with the reason."""
     if not name:
         return None
     if name not in _VERIFIERS:
         raise ValueError(f"unknown verifier {name!r}; known: {sorted(_VERIFIERS)}")
     return _VERIFIERS[name]()
+
+
+def completion_text(tokenizer: Any, token_ids: list[int]) -> str:
+    """The text a verifier judges: the completion up to its first special token (an end marker of either
+    model, a pad), decoded. Cutting there, not skipping specials, keeps text after a foreign end marker out."""
+    special = set(tokenizer.all_special_ids)
+    end = next((i for i, t in enumerate(token_ids) if t in special), len(token_ids))
+    return tokenizer.decode(token_ids[:end])

@@ -11,11 +11,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from services.common.policy_files import latest_policy
 from services.rollout.api import router
 from services.rollout.body_limit import BodyLimit, route_limit
 from services.rollout.config import RolloutConfig
@@ -41,21 +41,11 @@ async def create_engine(cfg: RolloutConfig) -> RolloutEngine:
     return await HFEngine.create(cfg)
 
 
-def _newest_policy(directory: str) -> tuple[Path, int] | None:
-    """The newest trainer weights under `directory`: a trainer checkpoint_dir (`ckpt-*`) or the directory
-    of a shared-mode push (`policy-<N>.safetensors`), whichever holds the higher version."""
-    from trainer.checkpoint import latest_policy  # the trainer owns both layouts
-    from trainer.weight_sync import latest_shared
-
-    found = [f for f in (latest_policy(directory), latest_shared(directory)) if f is not None]
-    return max(found, key=lambda f: f[1]) if found else None
-
-
 async def _resume(engine: RolloutEngine, directory: str) -> None:
     """Install the trainer's newest weights before the engine is published (until then every request gets
     503 and clients retry), so a restarted service never samples from the initial, stale weights."""
     for attempt in range(3):
-        found = _newest_policy(directory)
+        found = latest_policy(directory)
         if found is None:
             log.info("no weights in %s: serving the initial weights, version %d", directory, engine.version)
             return

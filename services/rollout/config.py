@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from services.common.config import WEIGHTS_TOKEN_ENV, ConfigBase, ConfigError, opt
+from services.common.config import WEIGHTS_TOKEN_ENV, ConfigBase, ConfigError, load, opt
 
 BACKENDS = ("hf", "vllm")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -87,3 +88,7 @@ class RolloutConfig(ConfigBase):
         if token is None and self.token_file is not None:
             token = Path(self.token_file).read_text().strip() or None
         return token
+
+
+def load_config(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> RolloutConfig:
+    return load(RolloutConfig, argv, env=env, prog="opd rollout serve")

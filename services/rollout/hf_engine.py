@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from services.common.devices import resolve_device
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import (
     GenerateParams,
@@ -34,12 +35,6 @@ from services.rollout.protocol import Sample
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def top_p_sample(

@@ -6,6 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Greedy decoding through the sampling API: the smallest top_p it accepts is > 0, and a nucleus this small
+# keeps only the argmax token.
+GREEDY_TOP_P = 1e-6
+
 
 class GenerateRequest(BaseModel):
     """Either `prompts` (token ids) or `texts` (tokenised with the model's tokenizer), not both."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,20 +16,17 @@ from collections.abc import Iterator
 import uvicorn
 from fastapi import FastAPI
 
-from services.common.config import ConfigError, parse_config
+from services.common.config import report_config_errors
 from services.common.logs import setup_logging
 from services.rollout.app import build_app
-from services.rollout.config import WEIGHTS_TOKEN_ENV, RolloutConfig
+from services.rollout.config import WEIGHTS_TOKEN_ENV, RolloutConfig, load_config
 
 log = logging.getLogger(__name__)
 
 
+@report_config_errors("opd rollout serve")
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_config(RolloutConfig, argv, prog="opd rollout serve")
-    except ConfigError as e:
-        print(f"opd rollout serve: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(argv)
     setup_logging("rollout")
     if cfg.resolve_token() is None and not cfg.insecure_no_token:
         log.warning(

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from services.common.config import ConfigBase, ConfigError, opt
+from services.common.config import ConfigBase, ConfigError, load, opt
 
 BACKENDS = ("hf", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
@@ -114,8 +115,15 @@ class TeacherConfig(ConfigBase):
     def bearer_token(self) -> str | None:
         """The configured token (read from token_file if given), stripped; None when auth is off."""
         if self.token_file is not None:
-            token = Path(self.token_file).read_text().strip()
+            try:
+                token = Path(self.token_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"token_file: {self.token_file}: {e.strerror}") from e
             if not token:
                 raise ConfigError(f"token_file: {self.token_file} is empty")
             return token
         return self.token.strip() if self.token is not None else None
+
+
+def load_config(argv: Sequence[str] | None = None, env: dict[str, str] | None = None) -> TeacherConfig:
+    return load(TeacherConfig, argv, env=env, prog="opd teacher serve")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from services.common.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -71,12 +73,6 @@ def tokenizer_sha256(tokenizer) -> str:
     """sha256 of the vocabulary (token -> id, keys sorted, compact JSON, UTF-8): same ids, same hash."""
     blob = json.dumps(tokenizer.get_vocab(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -23,10 +23,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opd.teacher.v1 import teacher_pb2
-from services.common.config import ConfigError, parse_config
+from services.common.config import report_config_errors
 from services.common.logs import setup_logging
 from services.teacher.batcher import Batcher
-from services.teacher.config import TeacherConfig
+from services.teacher.config import TeacherConfig, load_config
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.scorer import build_scorer
 from services.teacher.servicer import Limits, TeacherServicer, add_to_server
@@ -203,14 +203,11 @@ def run_server(cfg: TeacherConfig, scorer=None) -> Iterator[ServerHandle]:
             scorer.close()
 
 
+@report_config_errors("opd teacher serve")
 def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(argv)
+    cfg.bearer_token()  # an unreadable or empty token file fails here, before the model loads
     log = setup_logging("teacher")
-    try:
-        cfg = parse_config(TeacherConfig, argv, prog="opd teacher serve")
-        cfg.bearer_token()  # an unreadable or empty token file fails here, before the model loads
-    except (ConfigError, OSError) as e:
-        log.error("%s", e)
-        return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.set())

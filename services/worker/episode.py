@@ -10,7 +10,7 @@ Transcript (one sequence per episode; `>` opens every turn):
   writes a special token (`stop_token_ids` = all of the tokenizer's special ids: normally its own end marker,
   `</s>` for the toy student) or hits `max_new_tokens`. The end marker stays in the transcript, exactly as
   sampled (its behaviour log-probability is real); the environment reads the action's text up to its first
-  special token (services/worker/loop.py `completion_text`).
+  special token (services/common/verifiers.py `completion_text`).
 - The environment's reply is tokenized on its own (`add_special_tokens=False`) and appended after the
   action's tokens; the student never samples those tokens, so they are listed in the sample's
   `env_positions` and carry no loss (trainer/data.py `collate` drops them from `token_mask`). Their
@@ -40,17 +40,17 @@ import numpy as np
 
 from services.common.experience import ExperienceRecord
 from services.common.prompts import Prompt
-from services.rollout.protocol import GenerateRequest, GenerateResponse, Sample
+from services.common.verifiers import completion_text
+from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest, GenerateResponse, Sample
 from services.teacher.client import ScoredRows
 from services.worker.envs.base import Environment
-from services.worker.loop import BadPromptError, build_record, completion_text, request_seed
+from services.worker.record import BadPromptError, build_record, request_seed
 
 T = TypeVar("T")
 
 TURN_PROMPT = "\n>"  # ends every observation: the model's cue to write an action
 ENV_LOGPROB = 0.0  # filler log-probability of an environment token (it is given, not sampled)
 FILLER_LOGPROB = -1.0e4  # filler teacher log-probability of the other ids of an env position's "top-K"
-GREEDY_TOP_P = 1e-6  # as trainer/eval.py: the nucleus keeps only the argmax token
 REQUEST_SIZE = 64  # episodes per generate call
 
 

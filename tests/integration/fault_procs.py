@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from launcher.cli_proc import CliProc as Proc
 from services.common.experience import ExperienceRecord, decode
 from services.common.redis_keys import RECORD_FIELD, connect, dead_letter_stream, experience_stream
-from services.worker.loop import RolloutWorker, WorkerConfig
+from services.worker.config import WorkerConfig
+from services.worker.loop import RolloutWorker
 from tests.integration import stack
 
 ARITH = [(f"{a}+{b}=", str(a + b)) for a, b in [(12, 34), (5, 7), (90, 9), (1, 1), (33, 44), (8, 8), (21, 3)]]

@@ -16,10 +16,11 @@ from transformers import AutoModelForCausalLM
 from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode, encode
 from services.common.redis_keys import RECORD_FIELD, connect
+from services.common.verifiers import completion_text
 from services.worker.envs import make_env
 from services.worker.envs.base import StepResult
 from services.worker.episode import EpisodeSettings, evaluate_env, observation_text, run_episodes
-from services.worker.loop import BadPromptError, completion_text
+from services.worker.record import BadPromptError
 from tests.integration.stack import loopback_stack
 from trainer.config import TrainerConfig
 from trainer.data import check_record, collate, sequences_of

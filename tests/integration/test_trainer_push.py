@@ -14,12 +14,12 @@ from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis
+from services.common.verifiers import completion_text
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import state_sha256
 from services.rollout.server import running_server
-from services.worker.loop import completion_text
 from trainer.config import TrainerConfig
 from trainer.eval import EvalSettings, evaluate, load_eval_prompts
 from trainer.metrics import read_metrics

@@ -13,15 +13,16 @@ from transformers import AutoModelForCausalLM
 from experiments.synthetic import synthetic_records
 from services.common import redis_keys
 from services.common.experience import decode, encode
-from services.common.tasks import TaskSchedule
 from services.teacher.client import TeacherClient
+from services.worker.config import load_config as parse_worker_config
 from services.worker.envs.rooms import RoomsEnv
 from services.worker.episode import observation_text
-from services.worker.loop import RolloutWorker, parse_worker_config
+from services.worker.loop import RolloutWorker
 from tests.integration.stack import loopback_stack
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
+from trainer.schedule import TaskSchedule
 from trainer.train import run
 
 pytestmark = pytest.mark.integration

@@ -11,7 +11,8 @@ from services.common.config import ConfigError
 from services.common.experience import decode
 from services.common.redis_keys import RECORD_FIELD, connect, experience_stream
 from services.worker.aliasing import spell_out
-from services.worker.loop import RolloutWorker, WorkerConfig
+from services.worker.config import WorkerConfig
+from services.worker.loop import RolloutWorker
 from tests.integration.stack import loopback_stack
 from trainer.aliases import TrainerAliases
 from trainer.data import check_record, collate, sequences_of

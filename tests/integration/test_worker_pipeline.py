@@ -22,12 +22,14 @@ from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode
 from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, experience_stream
 from services.common.redis_server import free_port
-from services.common.verifiers import exact_match
+from services.common.verifiers import completion_text, exact_match
 from services.rollout.protocol import GenerateRequest
 from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
-from services.worker.loop import RolloutWorker, WorkerConfig, completion_text, request_seed
+from services.worker.config import WorkerConfig
+from services.worker.loop import RolloutWorker
+from services.worker.record import request_seed
 from tests.integration.stack import loopback_stack
 
 pytestmark = pytest.mark.integration

@@ -38,7 +38,7 @@ from services.common.redis_keys import REDIS_PASSWORD_FILE_ENV, redis_password
 from services.rollout.config import WEIGHTS_TOKEN_ENV, RolloutConfig
 from services.teacher.config import TeacherConfig
 from services.teacher.metrics import TeacherMetrics
-from services.worker.loop import WorkerConfig
+from services.worker.config import WorkerConfig
 from trainer.config import TrainerConfig
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -14,9 +14,9 @@ from typing import Any
 
 import kubernetes_validate
 import pytest
-import tests.unit.deploy.test_deploy_manifests as dm
 import yaml
 
+import tests.unit.deploy.test_deploy_manifests as dm
 from services.common.config import add_arguments, build_config
 from services.common.tasks import load_tasks
 from services.teacher.config import TeacherConfig

@@ -11,12 +11,12 @@ import pytest
 import tomli_w
 import torch
 
+from experiments import diagnostics
+from experiments import paper as experiments
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from launcher.pipeline import check_sections
 from services.common.config import load_section
-from services.worker.loop import WorkerConfig
-from experiments import diagnostics
-from experiments import paper as experiments
+from services.worker.config import WorkerConfig
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
 
@@ -220,7 +220,7 @@ def test_diagnostics_on_tiny_models(tiny_pair, tmp_path):
 
 
 def test_evaluate_model_scores_with_the_verifier(tiny_pair, tmp_path):
-    from services.worker.loop import completion_text
+    from services.common.verifiers import completion_text
 
     model, tok = diagnostics.load_checkpoint_model(str(tiny_pair[0]))
     prompts = [f"{i}+1=" for i in range(3)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from experiments.multitask_results import plot_task_curves, summarize_tasks, task_eval_keys, tasks_table
 from experiments import paper as experiments
+from experiments.multitask_results import plot_task_curves, summarize_tasks, task_eval_keys, tasks_table
 
 
 def rows_of(pass_at_1: list[float], success: list[float], every: int = 2) -> list[dict]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ConfigError, build_config, load_section, parse_config
+from services.common.config import ConfigError, build_config, load, load_section
 from trainer.config import TrainerConfig
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
@@ -49,7 +49,7 @@ def test_validation_names_the_bad_value(kw, match):
 def test_layers_and_flags(tmp_path):
     toml = tmp_path / "t.toml"
     toml.write_text('[trainer]\nmodel = "from-toml"\nbatch_size = 16\nmini_batch_size = 8\ntop_k = 4\n')
-    cfg = parse_config(
+    cfg = load(
         TrainerConfig,
         [
             "--config",

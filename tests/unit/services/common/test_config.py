@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import pytest
 
-from services.common.config import ConfigBase, ConfigError, build_config, opt, parse_config
+from services.common.config import ConfigBase, ConfigError, build_config, load, opt
 
 
 @dataclass
@@ -31,7 +31,7 @@ def test_layers_in_order(tmp_path, monkeypatch) -> None:
     toml.write_text('[demo]\nport = 2\nrate = 1\nname = "toml"\nhosts = ["a", "b"]\n[other]\nport = 9\n')
     monkeypatch.setenv("OPD_DEMO_NAME", "env")
     monkeypatch.setenv("OPD_DEMO_FLAG", "true")
-    cfg = parse_config(DemoConfig, ["--config", str(toml), "--port", "3"])
+    cfg = load(DemoConfig, ["--config", str(toml), "--port", "3"])
     assert (cfg.port, cfg.rate, cfg.name, cfg.flag, cfg.hosts, cfg.path) == (
         3,
         1.0,
@@ -40,7 +40,7 @@ def test_layers_in_order(tmp_path, monkeypatch) -> None:
         ["a", "b"],
         None,
     )
-    cfg = parse_config(DemoConfig, ["--no-flag", "--hosts", "p,q", "--path", "/x"])
+    cfg = load(DemoConfig, ["--no-flag", "--hosts", "p,q", "--path", "/x"])
     assert (cfg.flag, cfg.hosts, cfg.path) == (False, ["p", "q"], "/x")
 
 

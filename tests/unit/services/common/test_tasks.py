@@ -11,15 +11,12 @@ import pytest
 from launcher.pipeline import PipelineConfig, check_sections
 from services.common.config import ConfigError
 from services.common.redis_keys import experience_stream
-from services.common.tasks import (
-    EVAL_SEED_BASE,
-    TaskSchedule,
-    load_tasks,
-    parse_tasks,
-    task_workers,
-    teacher_plans,
-)
-from services.worker.loop import WorkerConfig, parse_worker_config
+from launcher.plans import check_task_overrides, task_workers, teacher_plans
+from services.common.tasks import EVAL_SEED_BASE, load_tasks, parse_tasks
+from trainer.schedule import TaskSchedule
+from trainer.tasks import eval_env
+from services.worker.config import WorkerConfig
+from services.worker.config import load_config as parse_worker_config
 from trainer.config import TrainerConfig
 
 TWO_TASKS = """
@@ -77,7 +74,7 @@ def test_tasks_parse_in_file_order_with_their_values(tmp_path):
     assert math.weight == 3.0 and math.prompts == "math.jsonl" and not math.is_env
     assert rooms.is_env and rooms.env_options == {"num_receptacles": 3} and rooms.max_turns == 6
     assert rooms.eval_seeds() == [EVAL_SEED_BASE + i for i in range(5)]
-    env = rooms.eval_env()  # env_options with the eval overrides over them
+    env = eval_env(rooms)  # env_options with the eval overrides over them
     assert (env.num_receptacles, env.num_objects) == (3, 1)
     assert math.resolved_eval_verifier == "toy_arith"
     assert rooms.worker_values() == {
@@ -117,11 +114,20 @@ def test_bad_task_tables_name_the_problem(table, message):
     assert message in str(e.value)
 
 
-def test_unknown_override_keys_are_caught_when_the_file_is_read(tmp_path):
+def test_unknown_override_keys_are_caught_before_anything_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"tasks.a.worker: unknown keys \['group_sise'\]"):
-        load_tasks(write(tmp_path, '[tasks.a]\nprompts = "p"\nworker = {group_sise = 2}\n'))
+        check_task_overrides(
+            load_tasks(write(tmp_path, '[tasks.a]\nprompts = "p"\nworker = {group_sise = 2}\n'))
+        )
     with pytest.raises(ConfigError, match=r"tasks.a.teacher_service: unknown keys \['modle'\]"):
-        load_tasks(write(tmp_path, '[tasks.a]\nprompts = "p"\nteacher_service = {modle = "x"}\n'))
+        check_task_overrides(
+            load_tasks(write(tmp_path, '[tasks.a]\nprompts = "p"\nteacher_service = {modle = "x"}\n'))
+        )
+    path = write(tmp_path, '[tasks.a]\nprompts = "p"\nworker = {group_sise = 2}\n')
+    with pytest.raises(ConfigError, match="group_sise"):  # opd up checks the file before it starts a child
+        check_sections(path)
+    with pytest.raises(ConfigError, match="group_sise"):  # and a worker started alone refuses it too
+        parse_worker_config(["--config", str(path), "--task", "a"])
 
 
 def test_alternate_schedule_takes_tasks_in_turn_and_resumes_in_place():
@@ -305,8 +311,8 @@ def test_multitask_toy_config_builds_every_experiment_variant(tmp_path, monkeypa
 
     import tomli_w
 
-    from experiments.toy.multitask import MultiToyConfig
     from experiments import paper as experiments
+    from experiments.toy.multitask import MultiToyConfig
 
     base_path = Path(__file__).resolve().parents[4] / "configs" / "multitask_toy.toml"
     base = tomllib.loads(base_path.read_text())

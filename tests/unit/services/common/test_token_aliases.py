@@ -7,7 +7,7 @@ import pytest
 from experiments.toy.task import build_tokenizer
 from services.common.config import ConfigError, build_config
 from services.common.token_aliases import AliasMap, parse_aliases, resolve_aliases
-from services.worker.loop import WorkerConfig
+from services.worker.config import WorkerConfig
 from trainer.config import TrainerConfig
 
 STUDENT = build_tokenizer("</s>")

@@ -10,25 +10,20 @@ import pytest
 
 from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS, build_char_tokenizer
 from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
-from services.common.config import ConfigError, build_config, parse_config
+from services.common.config import ConfigError, build_config, load
 from services.common.experience import decode, encode
 from services.common.prompts import Prompt
 from services.common.redis_server import free_port
+from services.common.verifiers import completion_text
 from services.rollout.client import RolloutError
 from services.rollout.protocol import GenerateResponse, Sample
 from services.teacher.client import ScoredRows
-from services.worker.loop import (
-    BadPromptError,
-    RolloutWorker,
-    WorkerConfig,
-    _Stopped,
-    build_record,
-    classify_error,
-    completion_text,
-    main,
-    request_seed,
-    scorable,
-)
+from services.worker.config import WorkerConfig
+from services.worker.loop import RolloutWorker
+from services.worker.main import main
+from services.worker.record import BadPromptError, build_record, request_seed, scorable
+from services.worker.retry import Stopped as _Stopped
+from services.worker.retry import classify_error
 
 K, C = 4, 3
 
@@ -251,7 +246,7 @@ def test_config_from_env_and_flags():
     cfg = build_config(WorkerConfig, env=env, cli={"support": "student_topk"})
     assert cfg.teacher == ["a:1", "b:2"] and cfg.group_size == 8 and cfg.support == "student_topk"
     assert (cfg.top_p, cfg.temperature, cfg.top_k, cfg.tokenizer) == (0.9, 1.0, 32, None)
-    cfg = parse_config(WorkerConfig, ["--prompts", "x.parquet", "--teacher", "dns:///teacher:50051"])
+    cfg = load(WorkerConfig, ["--prompts", "x.parquet", "--teacher", "dns:///teacher:50051"])
     assert cfg.teacher == ["dns:///teacher:50051"] and cfg.prompts == "x.parquet"
 
 

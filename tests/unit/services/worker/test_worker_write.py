@@ -18,7 +18,8 @@ from services.common.redis_keys import (
     record_marker_key,
 )
 from services.common.redis_server import EmbeddedRedis, free_port
-from services.worker.loop import RolloutWorker, WorkerConfig
+from services.worker.config import WorkerConfig
+from services.worker.loop import RolloutWorker
 
 
 def make_record(i: int, length: int = 5, k: int = 3) -> ExperienceRecord:
