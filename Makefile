@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format proto bench demo clean
+.PHONY: install test test-fast test-integration test-e2e lint format proto bench demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,19 +18,28 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# ruff, the import walls of docs/architecture.md (.importlinter) and the type checker.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+# Every tier: unit, integration (real servers on loopback), e2e (the whole pipeline).
 test: lint
 	$(PY) -m pytest tests
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests/unit -x -q
+	$(PY) -m pytest -x -q
+
+test-integration: $(STAMP)
+	$(PY) -m pytest tests -m integration
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest tests -m e2e
 
 proto: $(STAMP)
 	$(PY) -m services.common.protogen
@@ -46,4 +55,4 @@ demo: $(STAMP)
 	$(VENV)/bin/opd up --config configs/demo.toml
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import re
+import subprocess
 import sys
 import time
 import tomllib
@@ -259,8 +260,6 @@ def run_experiment(
     only: Sequence[str] = (),
 ) -> dict[str, list[dict[str, float]]]:
     from experiments.multitask_results import summarize_tasks
-    from launcher.pipeline import PipelineConfig, run
-    from services.common.config import load_section
     from trainer.metrics import read_metrics
 
     with open(base_path, "rb") as fh:
@@ -296,7 +295,8 @@ def run_experiment(
     for i, (variant, seed, run_name, cfg, path) in enumerate(plan):
         log.info("[%d/%d] %s (seed %d)", i + 1, len(plan), variant.label, seed)
         t0 = time.perf_counter()
-        rc = run(load_section(PipelineConfig, path), path)
+        # Each run is `opd up` as a user runs it (the launcher sits above the experiments, not below).
+        rc = subprocess.call([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)])
         if rc != 0:
             raise RuntimeError(f"run {run_name} failed (exit {rc}); see {runs_dir / run_name / 'logs'}")
         rows = read_metrics(runs_dir / run_name)

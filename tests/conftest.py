@@ -1,9 +1,19 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and the tiers: every test is marked by its directory (unit, integration, e2e)."""
 
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+TIERS = ("unit", "integration", "e2e")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        tier = Path(item.fspath).relative_to(root).parts[0]
+        if tier in TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

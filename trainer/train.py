@@ -32,7 +32,9 @@ from services.common import redis_keys
 from services.common.config import ConfigError, report_config_errors, to_dict
 from services.common.experience import ExperienceRecord, decode
 from services.common.logs import setup_logging
-from services.common.verifiers import get_verifier
+from services.common.prompts import Prompt
+from services.common.verifiers import Verifier, get_verifier
+from services.rollout.client import RolloutClient
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer import tasks as task_streams
@@ -44,6 +46,7 @@ from trainer.lr_schedule import warmup_cosine
 from trainer.metrics import MetricsWriter, mean_metrics
 from trainer.objective import compute_objective, lm_head_gradient_variance
 from trainer.schedule import TaskSchedule
+from trainer.weight_sync import WeightSync
 
 log = logging.getLogger("trainer")
 
@@ -203,13 +206,13 @@ class RankZero:
     """What only rank 0 holds: Redis, a reader per task stream, the pusher, the metrics writer, eval."""
 
     streams: dict[str, task_streams.TaskStream]  # task ("" without tasks) -> its stream and reader
-    sync: Any  # WeightSync | None
+    sync: WeightSync | None  # None without rollout services to push to
     writer: MetricsWriter
     counters: task_streams.TaskCounters = field(default_factory=task_streams.TaskCounters)
-    eval_client: Any = None
-    eval_prompts: list = field(default_factory=list)
-    verifier: Any = None
-    task_evals: dict[str, Any] = field(default_factory=dict)  # prompt task -> (eval prompts, verifier)
+    eval_client: RolloutClient | None = None
+    eval_prompts: list[Prompt] = field(default_factory=list)
+    verifier: Verifier | None = None
+    task_evals: dict[str, tuple[list[Prompt], Verifier]] = field(default_factory=dict)  # prompt task -> eval
 
 
 class StopFlag:
@@ -453,8 +456,6 @@ def _setup_rank_zero(
 
     sync = None
     if cfg.push_every:
-        from trainer.weight_sync import WeightSync
-
         sync = WeightSync(
             client,
             cfg.run,
@@ -474,8 +475,6 @@ def _setup_rank_zero(
         counters=task_streams.TaskCounters.from_commits(loaded.commits if loaded else []),
     )
     if cfg.eval_every:
-        from services.rollout.client import RolloutClient
-
         r0.eval_client = RolloutClient(
             cfg.eval_url or cfg.rollout_urls[0],
             timeout_s=cfg.push_timeout_s,

@@ -16,7 +16,6 @@ this (its probes are in deploy/k8s); compose and plain `docker run` do.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import ssl
@@ -26,11 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# `opd` command -> (module, config class): the processes the images run (launcher/cli.py).
+# `opd` command -> (config module, config class): the processes the images run (launcher/cli.py). Each
+# module's `load_config(argv, env)` builds the config exactly as the process did, task overlay included.
 CONFIG_CLASSES: dict[tuple[str, ...], tuple[str, str]] = {
     ("teacher", "serve"): ("services.teacher.config", "TeacherConfig"),
     ("rollout", "serve"): ("services.rollout.config", "RolloutConfig"),
-    ("rollout", "work"): ("services.worker.loop", "WorkerConfig"),
+    ("rollout", "work"): ("services.worker.config", "WorkerConfig"),
     ("train",): ("trainer.config", "TrainerConfig"),
 }
 TIMEOUT_S = 5.0
@@ -82,16 +82,10 @@ def find_opd_process(proc: Path = Path("/proc")) -> OpdProcess:
 
 
 def process_config(p: OpdProcess) -> Any:
-    """The config the process built: its flags over its environment over its `--config` TOML section."""
-    from services.common.config import add_arguments, build_config, read_toml_section
-
-    cls = config_class(p.command)
-    parser = argparse.ArgumentParser(add_help=False)
-    add_arguments(parser, cls)
-    ns, _ = parser.parse_known_args(p.args)
-    cli = vars(ns)
-    path = cli.pop("config")
-    return build_config(cls, read_toml_section(path, cls.SECTION), env=p.environ, cli=cli)
+    """The config the process built: its flags over its environment over its task's table (if any) over its
+    `--config` TOML section, by the process's own loader."""
+    module, _ = CONFIG_CLASSES[p.command]
+    return importlib.import_module(module).load_config(p.args, env=p.environ)
 
 
 def check_grpc(target: str) -> None:

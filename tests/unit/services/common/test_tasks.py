@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 
 from launcher.pipeline import PipelineConfig, check_sections
+from launcher.plans import check_task_overrides, task_workers, teacher_plans
 from services.common.config import ConfigError
 from services.common.redis_keys import experience_stream
-from launcher.plans import check_task_overrides, task_workers, teacher_plans
 from services.common.tasks import EVAL_SEED_BASE, load_tasks, parse_tasks
-from trainer.schedule import TaskSchedule
-from trainer.tasks import eval_env
 from services.worker.config import WorkerConfig
 from services.worker.config import load_config as parse_worker_config
 from trainer.config import TrainerConfig
+from trainer.schedule import TaskSchedule
+from trainer.tasks import eval_env
 
 TWO_TASKS = """
 [up]
