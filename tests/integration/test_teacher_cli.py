@@ -107,8 +107,10 @@ def test_serve_drains_on_sigterm(model_dir, tmp_path):
     assert "envtoken" not in text
 
 
-def test_config_errors_exit_with_2(caplog):
+def test_config_errors_exit_with_2(capsys):
+    # One line on stderr naming the field, exit code 2, no traceback (services/common/config.py).
     assert main([]) == 2
-    assert "model: required" in caplog.text
+    err = capsys.readouterr().err
+    assert err.startswith("opd teacher serve: model: required") and err.count("\n") == 1
     assert main(["--model", "m", "--backend", "onnx"]) == 2
-    assert "backend: expected one of" in caplog.text
+    assert "backend: expected one of" in capsys.readouterr().err
