@@ -138,7 +138,7 @@ class TrainerAliases:
         """Why `s` cannot be rewritten (the worker did not ask for the alias candidates), or None."""
         if not self.active:
             return None
-        if s.teacher_candidate_ids is None:
+        if s.teacher_candidate_ids is None or s.teacher_candidate_logprobs is None:
             return "token_aliases need the teacher's candidate logprobs of the alias ids (worker token_aliases unset?)"
         lp = lookup_ids(
             np.broadcast_to(self.alias_ids, (len(s), self.alias_ids.size)),
@@ -156,6 +156,7 @@ class TrainerAliases:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Support ids [L, k], log q' [L, k], keep [L, k] and the target log q'(y_t) [L] of one sample's first
         `length` positions (module docstring). The record passed `check_sample`."""
+        assert s.teacher_candidate_ids is not None and s.teacher_candidate_logprobs is not None
         L = length
         alias_lp = lookup_ids(
             np.broadcast_to(self.alias_ids, (L, self.alias_ids.size)),
@@ -172,6 +173,7 @@ class TrainerAliases:
             self.foreign,
         )[:, 0]
         if support == "student_topk":
+            assert s.behaviour_top_ids is not None  # check_record: student_topk records carry them
             ids = torch.from_numpy(s.behaviour_top_ids[:L, :k].astype(np.int64))
             raw = torch.from_numpy(
                 lookup_ids(ids.numpy(), s.teacher_candidate_ids[:L], s.teacher_candidate_logprobs[:L])

@@ -135,7 +135,7 @@ def check_record(
             if s.behaviour_top_ids is None or s.behaviour_top_ids.shape[1] < top_k:
                 have = 0 if s.behaviour_top_ids is None else s.behaviour_top_ids.shape[1]
                 raise RecordError(f"{where}: student_topk needs {top_k} behaviour top ids, record has {have}")
-            if s.teacher_candidate_ids is None:
+            if s.teacher_candidate_ids is None or s.teacher_candidate_logprobs is None:
                 raise RecordError(f"{where}: student_topk needs the teacher's candidate logprobs")
             ids = s.behaviour_top_ids[:, :top_k]
             if ids.min() < 0 or ids.max() >= vocab_size:
@@ -238,6 +238,9 @@ def collate(
                 s, L, support, K
             )
         elif support == "student_topk":
+            # check_record: student_topk records carry behaviour top ids and teacher candidates
+            assert s.behaviour_top_ids is not None and s.teacher_candidate_ids is not None
+            assert s.teacher_candidate_logprobs is not None
             ids = s.behaviour_top_ids[:L, :K]
             sup_ids[b, :L] = ids
             sup_lp[b, :L] = _candidate_lookup(

@@ -92,7 +92,7 @@ def broadcast_blobs(ctx: DistContext, blobs: list[bytes] | None) -> list[bytes] 
         return None
     lengths = torch.zeros(n, dtype=torch.int64, device=dev)
     data = torch.zeros(total, dtype=torch.uint8, device=dev)
-    if ctx.is_main:
+    if ctx.is_main and blobs is not None:  # on rank 0, n >= 0 means blobs is a list
         lengths.copy_(torch.tensor([len(b) for b in blobs], dtype=torch.int64))
         if total:
             data.copy_(torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8))
@@ -119,15 +119,17 @@ def all_reduce_gradients(ctx: DistContext, model: nn.Module) -> None:
     """Sum every parameter's gradient over ranks (a missing gradient counts as zero), in coalesced buckets."""
     if not ctx.enabled:
         return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+    grads: list[torch.Tensor] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad)
     bucket: list[torch.Tensor] = []
     size = 0
-    for p in params:
-        bucket.append(p.grad)
-        size += p.grad.numel() * p.grad.element_size()
+    for g in grads:
+        bucket.append(g)
+        size += g.numel() * g.element_size()
         if size >= _BUCKET_BYTES:
             _reduce_bucket(ctx, bucket)
             bucket, size = [], 0

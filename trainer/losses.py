@@ -1,7 +1,23 @@
 """Distillation objectives as pure tensor functions (DESIGN.md section 1).
 
 Every function takes explicit masks, computes in fp32 whatever the input dtype, and works on any device.
-Shape letters: B batch (sequences), T completion positions, K support slots, V vocabulary.
+
+Shape suffixes (the project's convention, here and in trainer/heads.py): a tensor's name ends with one
+letter per dimension, separated by underscores, e.g. ``logprobs_B_T_K`` is [B, T, K] and ``weight_V_D``
+is [V, D]; a 0-d or non-tensor value has none.
+
+    B   batch: sequences (rows of a mini-batch)
+    T   positions of a sequence (completion positions in the losses)
+    K   support slots at a position (teacher or student top-K ids)
+    V   vocabulary (logit width)
+    D   hidden size (the LM head's input)
+    N   flattened positions (B and T, or any leading dims, merged into one)
+    C   teacher candidate ids per position
+    L   completion length of one sample
+    c   rows of one chunk (a slice of N, in the chunked LM-head kernels)
+
+A letter that only one function uses is defined in its docstring (the blocked discounted-return scan below
+writes C for its chunk length and N for its chunk count).
 
 Notation (the paper, "Revisiting On-Policy Distillation", Fu et al.):
 

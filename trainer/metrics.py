@@ -35,18 +35,20 @@ class GradientVariance:
     def add(self, grad: Tensor) -> None:
         g = grad.detach().to(torch.float64)
         self.count += 1
-        if self.mean is None:
+        mean, m2 = self.mean, self.m2
+        if mean is None or m2 is None:
             self.mean, self.m2 = g.clone(), torch.zeros_like(g)
             return
-        delta = g - self.mean
-        self.mean += delta / self.count
-        self.m2 += delta * (g - self.mean)
+        delta = g - mean
+        mean += delta / self.count  # in place: self.mean and self.m2 are these tensors
+        m2 += delta * (g - mean)
 
     def metrics(self) -> dict[str, float]:
-        if self.count < 2:
+        mean, m2 = self.mean, self.m2
+        if self.count < 2 or mean is None or m2 is None:
             return {"grad/variance": 0.0, "grad/variance_rel": 0.0}
-        total = float(self.m2.sum()) / (self.count - 1)
-        mean_sq = float((self.mean * self.mean).sum())
+        total = float(m2.sum()) / (self.count - 1)
+        mean_sq = float((mean * mean).sum())
         return {"grad/variance": total, "grad/variance_rel": total / mean_sq if mean_sq > 0 else math.inf}
 
 

@@ -10,13 +10,18 @@ and hence their gradients, add up to those of the whole mini-batch.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from trainer import heads, losses
 from trainer.config import TrainerConfig
 from trainer.data import MiniBatch, split_even
 from trainer.metrics import GradientVariance
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 def completion_hidden(hidden_B_S_d: Tensor, mb: MiniBatch) -> Tensor:
@@ -118,7 +123,7 @@ def diagnostics(
 
 
 def compute_objective(
-    model: nn.Module,
+    model: PreTrainedModel,
     mb: MiniBatch,
     cfg: TrainerConfig,
     denom_tokens: float | None = None,
@@ -141,7 +146,7 @@ def compute_objective(
 
 
 def lm_head_gradient_variance(
-    model: nn.Module, mb: MiniBatch, cfg: TrainerConfig, micro_batches: int
+    model: PreTrainedModel, mb: MiniBatch, cfg: TrainerConfig, micro_batches: int
 ) -> dict[str, float]:
     """Paper appendix C.2: split the mini-batch into M micro-batches, take the objective's gradient on the
     LM-head weight for each, and report the total variance sum_j Var_m[g_m[j]] (unbiased over m) and the

@@ -52,13 +52,16 @@ class EmbeddedRedis:
     ):
         self.host = host
         self.port = port or free_port(host)
-        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="opd-redis-")
-        self.data_dir = Path(data_dir or self._tmp.name)
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if not data_dir:
+            self._tmp = tempfile.TemporaryDirectory(prefix="opd-redis-")
+            data_dir = self._tmp.name
+        self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.appendonly = appendonly
         self.password = password
         self.appendfsync = appendfsync
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def address_url(self) -> str:
@@ -93,13 +96,14 @@ class EmbeddedRedis:
             "--loglevel",
             "warning",
         ]
-        self.proc = subprocess.Popen(
+        self.proc = proc = subprocess.Popen(
             args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
+        assert proc.stdin is not None and proc.stderr is not None  # both are PIPEs
         if self.password:
             quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
-            self.proc.stdin.write(f'requirepass "{quoted}"\n'.encode())
-        self.proc.stdin.close()
+            proc.stdin.write(f'requirepass "{quoted}"\n'.encode())
+        proc.stdin.close()
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + timeout
         while True:
@@ -107,8 +111,8 @@ class EmbeddedRedis:
                 client.ping()
                 break
             except redis.ConnectionError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {self.proc.stderr.read().decode()}") from None
+                if proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {proc.stderr.read().decode()}") from None
                 if time.monotonic() > deadline:
                     self.stop()
                     raise TimeoutError(f"redis-server did not answer on port {self.port}") from None

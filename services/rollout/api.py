@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -27,7 +28,9 @@ from services.rollout.protocol import (
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="weight-update token (OPD_WEIGHTS_TOKEN)")
 
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 409, 413, 503)}
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (401, 403, 409, 413, 503)
+}
 SAFETENSORS_BODY = {
     "requestBody": {
         "required": True,

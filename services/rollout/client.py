@@ -94,7 +94,7 @@ class SafetensorsStream:
             t = self.tensors[name].to("cpu").contiguous()
             if t.numel() == 0:
                 continue
-            data = memoryview(t.reshape(-1).view(torch.uint8).numpy())  # raw little-endian bytes, any dtype
+            data = t.reshape(-1).view(torch.uint8).numpy().data  # raw little-endian bytes, any dtype
             for start in range(0, len(data), self.piece):
                 yield bytes(data[start : start + self.piece])
 

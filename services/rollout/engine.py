@@ -135,7 +135,7 @@ def state_sha256(tensors: Mapping[str, torch.Tensor], names: Iterable[str]) -> s
         h.update(f"{name}\0{_dtype_name(t.dtype)}\0{list(t.shape)}\n".encode())
         flat = t.to("cpu").contiguous().reshape(-1)
         # view as bytes: works for every dtype, including bf16 (which numpy lacks)
-        h.update(memoryview(flat.view(torch.uint8).numpy()))
+        h.update(flat.view(torch.uint8).numpy().data)
     return h.hexdigest()
 
 

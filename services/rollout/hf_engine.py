@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from services.common.devices import resolve_device
 from services.rollout.config import RolloutConfig
@@ -30,7 +30,7 @@ from services.rollout.engine import (
     row_seed,
     state_sha256,
 )
-from services.rollout.protocol import Sample
+from services.rollout.protocol import FinishReason, Sample
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +78,14 @@ def owned_copy(t: torch.Tensor) -> torch.Tensor:
 class RowOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
-    finish_reason: str = "length"
+    finish_reason: FinishReason = "length"
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
 
 
 @torch.inference_mode()
 def sample_rows(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     prompts: list[list[int]],
     row_prompt: list[int],
     generators: list[torch.Generator],
@@ -170,7 +170,7 @@ def sample_rows(
 
 
 def sample_groups(
-    model: torch.nn.Module, prompt_ids: list[list[int]], params: GenerateParams, max_batch_size: int
+    model: PreTrainedModel, prompt_ids: list[list[int]], params: GenerateParams, max_batch_size: int
 ) -> list[Sample]:
     """`params.n` samples of every prompt, decoded `max_batch_size` rows at a time (each distinct prompt of
     a batch prefilled once). Row (i, j) draws from its own generator seeded with row_seed(seed, i, j), so a
@@ -209,7 +209,7 @@ def sample_groups(
 class HFEngine(RolloutEngine):
     backend = "hf"
 
-    def __init__(self, model: torch.nn.Module, max_batch_size: int, **kw) -> None:
+    def __init__(self, model: PreTrainedModel, max_batch_size: int, **kw) -> None:
         super().__init__(**kw)
         self.model = model
         self.max_batch_size = max_batch_size
@@ -230,7 +230,8 @@ class HFEngine(RolloutEngine):
         model = AutoModelForCausalLM.from_pretrained(
             cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
         )
-        model = model.to(device).eval()
+        # transformers wraps `PreTrainedModel.to` in a decorator whose stub drops the bound self.
+        model = model.to(device).eval()  # type: ignore[arg-type]
         schema = WeightSchema.of_module(model)
         text_config = model.config.get_text_config()
         return cls(

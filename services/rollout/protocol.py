@@ -47,11 +47,14 @@ class GenerateRequest(BaseModel):
         return self
 
 
+FinishReason = Literal["stop", "length"]
+
+
 class Sample(BaseModel):
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float] = Field(description="behaviour log pi(y_t | c_t), full vocabulary, temperature 1")
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
 

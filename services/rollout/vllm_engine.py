@@ -23,6 +23,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from safetensors import safe_open
@@ -42,6 +43,10 @@ from services.rollout.engine import (
     state_sha256,
 )
 from services.rollout.protocol import Sample
+
+if TYPE_CHECKING:
+    from vllm.config.model import ModelDType
+    from vllm.v1.engine.async_llm import AsyncLLM
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +94,7 @@ def schema_of(model: str, dtype: torch.dtype, trust_remote_code: bool) -> Weight
 class VLLMEngine(RolloutEngine):
     backend = "vllm"
 
-    def __init__(self, llm, **kw) -> None:
+    def __init__(self, llm: AsyncLLM, **kw) -> None:
         super().__init__(**kw)
         self.llm = llm
 
@@ -105,9 +110,11 @@ class VLLMEngine(RolloutEngine):
 
         args = AsyncEngineArgs(
             model=cfg.model,
-            dtype=cfg.dtype,
+            # RolloutConfig checked dtype against DTYPES, a subset of vLLM's ModelDType.
+            dtype=cast("ModelDType", cfg.dtype),
             seed=cfg.seed,
-            max_model_len=cfg.max_model_len or None,
+            # None: the model's maximum. vLLM annotates the field `int` but defaults it to None itself.
+            max_model_len=cfg.max_model_len or None,  # type: ignore[arg-type]
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_num_seqs=cfg.max_batch_size,
             enforce_eager=cfg.vllm_enforce_eager,
@@ -121,7 +128,7 @@ class VLLMEngine(RolloutEngine):
         llm = AsyncLLM.from_engine_args(args)
         try:
             model_config = llm.model_config
-            dtype = model_config.dtype
+            dtype = cast(torch.dtype, model_config.dtype)  # the engine resolved "auto" etc. to a torch.dtype
             schema = schema_of(cfg.model, dtype, cfg.trust_remote_code)
             sha = cls._initial_sha(cfg.model, schema, dtype)
             tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)

@@ -8,13 +8,23 @@ Imported inside vLLM's worker processes: keep it free of the service's heavier m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 
 class WeightReloadExtension:
+    if TYPE_CHECKING:
+        # Provided by the vLLM worker this class is mixed into (vllm.v1.worker.gpu_worker.Worker).
+        def reload_weights(
+            self,
+            weights_iterator: Iterable[tuple[str, torch.Tensor]] | None = None,
+            weights_path: str | None = None,
+            is_checkpoint_format: bool = True,
+        ) -> None: ...
+
     def opd_reload_safetensors(self, paths: list[str]) -> None:
         """Load every tensor of `paths` (checkpoint names, already validated by the server) in place."""
 

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import cast
 
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.scorer import ScoreItem, ScoreResult
@@ -40,7 +41,7 @@ class Ticket:
     """One admitted request: `future` resolves to its results in request order."""
 
     items: list[ScoreItem]
-    future: Future = field(default_factory=Future)
+    future: Future[list[ScoreResult]] = field(default_factory=Future)
     results: list[ScoreResult | None] = field(default_factory=list)
     remaining: int = 0  # sequences not yet scored (or dropped)
     enqueued_at: float = 0.0
@@ -108,7 +109,7 @@ class Batcher:
             if ticket.future.done() or ticket.cancelled:
                 return
             ticket.cancelled = True
-            kept = deque()
+            kept: deque[_Unit] = deque()
             for unit in self._units:
                 if unit.ticket is ticket:
                     self._queued_tokens -= unit.tokens
@@ -189,12 +190,13 @@ class Batcher:
     def _run(self, batch: list[_Unit]) -> None:
         items = [u.ticket.items[u.index] for u in batch]
         t0 = time.perf_counter()
+        results: list[ScoreResult] = []
+        error: Exception | None = None
         try:
             results = self.score_fn(items)
-            error = None
         except Exception as e:  # a scorer failure fails the requests in this batch, not the server
             log.exception("scorer failed on a batch of %d sequences", len(items))
-            results, error = None, e
+            error = e
         if self.metrics is not None:
             self.metrics.observe_batch(items, time.perf_counter() - t0)
         with self._cond:
@@ -213,7 +215,7 @@ class Batcher:
 
     def _drop_ticket(self, ticket: Ticket) -> None:
         """Remove the ticket's other queued sequences (lock held)."""
-        kept = deque()
+        kept: deque[_Unit] = deque()
         for unit in self._units:
             if unit.ticket is ticket:
                 self._queued_tokens -= unit.tokens
@@ -228,7 +230,8 @@ class Batcher:
         elif error is not None:
             ticket.future.set_exception(error)
         else:
-            ticket.future.set_result(ticket.results)
+            # No error and nothing cancelled: remaining reached 0 because every slot was filled.
+            ticket.future.set_result(cast(list[ScoreResult], ticket.results))
         self._admitted -= 1
         self._set_depth()
         self._cond.notify_all()

@@ -15,9 +15,10 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -26,6 +27,7 @@ from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 
 I32, F32 = np.dtype("<i4"), np.dtype("<f4")
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,7 +42,7 @@ class ScoredRows:
 
 def service_config(max_retries: int) -> str:
     """round_robin over resolved addresses; retry overload/unavailability with exponential backoff."""
-    config = {
+    config: dict[str, Any] = {
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
             {
@@ -228,7 +230,7 @@ class TeacherClient:
         with self._lock:
             return next(self._next) % len(self._stubs)
 
-    def _call(self, fn):
+    def _call(self, fn: Callable[[teacher_pb2_grpc.TeacherServiceStub, float], T]) -> T:
         """Blocking call on one channel after another until one answers (or a non-retryable error)."""
         first = self._pick()
         for attempt in range(len(self._stubs)):

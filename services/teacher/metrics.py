@@ -12,8 +12,13 @@ opd_teacher_requests_total{code}           Score calls by status code
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from services.teacher.scorer import ScoreItem
 
 POW2 = tuple(float(2**i) for i in range(0, 19))
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -43,9 +48,9 @@ class TeacherMetrics:
             "opd_teacher_request_latency_seconds", "Score latency", ["code"], buckets=LATENCY, registry=r
         )
         self.requests = Counter("opd_teacher_requests", "Score calls by status code", ["code"], registry=r)
-        self._http = None
+        self._http: WSGIServer | None = None
 
-    def observe_batch(self, items: Sequence, seconds: float) -> None:
+    def observe_batch(self, items: Sequence[ScoreItem], seconds: float) -> None:
         tokens = sum(len(it.token_ids) for it in items)
         self.batch_sequences.observe(len(items))
         self.batch_tokens.observe(tokens)

@@ -5,7 +5,7 @@ result has rows t = s .. n-1; row t is the teacher's distribution over x_t given
 computed at position t - 1. Log-probabilities are log_softmax(logits / temperature) over the full
 vocabulary, in float32.
 
-Backends:
+Backends (each satisfies the `Scorer` protocol):
   HFScorer    transformers AutoModelForCausalLM on any torch device. One right-padded forward of the
               decoder per batch; the LM head runs only on the scored rows, in row chunks, so the [T, V]
               log-softmax of the whole batch never exists at once.
@@ -21,11 +21,20 @@ import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
 
 from services.common.devices import resolve_device
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from vllm.config.model import ModelDType
+    from vllm.inputs import TokensPrompt
+    from vllm.logprobs import FlatLogprobs
+
+    from services.teacher.config import TeacherConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +78,23 @@ class Unsupported(Exception):
     """The backend cannot serve this feature (maps to UNIMPLEMENTED)."""
 
 
-def tokenizer_sha256(tokenizer) -> str:
+class Scorer(Protocol):
+    """A scoring backend as the server, batcher and servicer use it (HFScorer, VLLMScorer, test fakes).
+
+    `score` gets a batch within the caller's token budget and returns one ScoreResult per item, in order,
+    each with the row semantics above; it raises Unsupported for a feature the backend lacks (see `info`).
+    It is called from one thread at a time. `close` releases the model; no `score` may follow.
+    """
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def score(self, items: Sequence[ScoreItem]) -> list[ScoreResult]: ...
+
+    def close(self) -> None: ...
+
+
+def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
     """sha256 of the vocabulary (token -> id, keys sorted, compact JSON, UTF-8): same ids, same hash."""
     blob = json.dumps(tokenizer.get_vocab(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -81,7 +106,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def _load_tokenizer(model: str):
+def _load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model)
@@ -97,7 +122,8 @@ class HFScorer:
 
         self.device = resolve_device(device)
         self.model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, self.device))
-        self.model.to(self.device).eval()
+        # transformers wraps `PreTrainedModel.to` in a decorator whose stub drops the bound self.
+        self.model.to(self.device).eval()  # type: ignore[arg-type]
         self.decoder = self.model.get_decoder()
         self.head = self.model.get_output_embeddings()
         vocab_size = int(self.head.weight.shape[0])
@@ -116,6 +142,7 @@ class HFScorer:
             supports_temperature=True,
             pads_batches=True,
         )
+        self._closed = False
         self._check_head_path()
 
     def _logits(self, hidden_R_H: torch.Tensor) -> torch.Tensor:
@@ -174,7 +201,7 @@ class HFScorer:
         topk_ids_R_K = np.empty((R, k_max), dtype=np.int32)
         topk_lp_R_K = np.empty((R, k_max), dtype=np.float32)
         target_lp_R = np.empty(R, dtype=np.float32)
-        cand_lp_R_C = None if cand_R_C is None else np.empty(cand_R_C.shape, dtype=np.float32)
+        cand_lp_R_C = np.empty((R, 0 if cand_R_C is None else cand_R_C.shape[1]), dtype=np.float32)
         for a in range(0, R, self.row_chunk):
             z = min(R, a + self.row_chunk)
             logits_c_V = self._logits(hidden_R_H[a:z]) / temp_R_t[a:z, None]
@@ -218,7 +245,10 @@ class HFScorer:
         return out_R_C
 
     def close(self) -> None:
-        self.model = self.decoder = self.head = None
+        """Drop the model so its memory can be freed; idempotent."""
+        if not self._closed:
+            del self.model, self.decoder, self.head
+            self._closed = True
 
 
 class VLLMScorer:
@@ -242,9 +272,10 @@ class VLLMScorer:
         from vllm import LLM, SamplingParams
 
         self._SamplingParams = SamplingParams
-        self.llm = LLM(
+        llm = LLM(
             model=model,
-            dtype=dtype,
+            # TeacherConfig checked dtype against DTYPES, a subset of vLLM's ModelDType.
+            dtype=cast("ModelDType", dtype),
             # +1: generate() must emit one token after the longest accepted prompt.
             max_model_len=max_sequence_tokens + 1,
             max_num_batched_tokens=max(max_batch_tokens, max_sequence_tokens + 1),
@@ -252,10 +283,12 @@ class VLLMScorer:
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=enforce_eager,
         )
+        self.llm = llm
+        self._closed = False
         tokenizer = _load_tokenizer(model)
         self.info = ModelInfo(
             model_id=model_id or model,
-            vocab_size=int(self.llm.llm_engine.model_config.get_vocab_size()),
+            vocab_size=int(llm.llm_engine.model_config.get_vocab_size()),
             tokenizer_sha256=tokenizer_sha256(tokenizer),
             special_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
             backend="vllm",
@@ -275,12 +308,16 @@ class VLLMScorer:
             self._SamplingParams(max_tokens=1, prompt_logprobs=it.top_k, flat_logprobs=True, detokenize=False)
             for it in items
         ]
-        prompts = [{"prompt_token_ids": it.token_ids.tolist()} for it in items]
+        prompts: list[TokensPrompt] = [{"prompt_token_ids": it.token_ids.tolist()} for it in items]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [self._convert(it, out.prompt_logprobs) for it, out in zip(items, outputs, strict=True)]
+        # flat_logprobs=True: vLLM returns FlatLogprobs, not its per-position list of dicts.
+        return [
+            self._convert(it, cast("FlatLogprobs", out.prompt_logprobs))
+            for it, out in zip(items, outputs, strict=True)
+        ]
 
     @staticmethod
-    def _convert(it: ScoreItem, flat) -> ScoreResult:
+    def _convert(it: ScoreItem, flat: FlatLogprobs) -> ScoreResult:
         n, s, k = len(it.token_ids), it.score_from, it.top_k
         start, end = flat.start_indices[s], flat.end_indices[n - 1]
         if end - start != it.rows * (k + 1):
@@ -290,13 +327,14 @@ class VLLMScorer:
         return ScoreResult(ids_R_K1[:, 1:].copy(), lp_R_K1[:, 1:].copy(), lp_R_K1[:, 0].copy(), None)
 
     def close(self) -> None:
-        """Stop the engine's worker processes now rather than at interpreter exit."""
-        if self.llm is not None:
+        """Stop the engine's worker processes now rather than at interpreter exit; idempotent."""
+        if not self._closed:
             self.llm.llm_engine.engine_core.shutdown()
-            self.llm = None
+            del self.llm
+            self._closed = True
 
 
-def build_scorer(cfg) -> HFScorer | VLLMScorer:
+def build_scorer(cfg: TeacherConfig) -> Scorer:
     """The scorer a `TeacherConfig` asks for (loads the model: slow)."""
     if cfg.backend == "hf":
         return HFScorer(cfg.model, cfg.device, cfg.dtype, cfg.row_chunk, cfg.served_model_id)

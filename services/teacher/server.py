@@ -28,7 +28,7 @@ from services.common.logs import setup_logging
 from services.teacher.batcher import Batcher
 from services.teacher.config import TeacherConfig, load_config
 from services.teacher.metrics import TeacherMetrics
-from services.teacher.scorer import build_scorer
+from services.teacher.scorer import Scorer, build_scorer
 from services.teacher.servicer import Limits, TeacherServicer, add_to_server
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ def _build_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     bind = f"{cfg.host}:{cfg.port}"
-    if cfg.tls_cert_file:
+    if cfg.tls_cert_file and cfg.tls_key_file is not None:  # __post_init__: both or neither
         creds = grpc.ssl_server_credentials(
             [(Path(cfg.tls_key_file).read_bytes(), Path(cfg.tls_cert_file).read_bytes())]
         )
@@ -152,10 +152,10 @@ def _build_grpc_server(
 
 
 @contextmanager
-def run_server(cfg: TeacherConfig, scorer=None) -> Iterator[ServerHandle]:
+def run_server(cfg: TeacherConfig, scorer: Scorer | None = None) -> Iterator[ServerHandle]:
     """Serve `cfg` until the block exits, then drain. Yields once the model is loaded (health SERVING).
 
-    `scorer` (an HFScorer/VLLMScorer already built) lets tests and benchmarks share one model between
+    `scorer` (an HFScorer/VLLMScorer or other Scorer already built) lets tests and benchmarks share one model between
     servers; by default the config's backend is loaded, and closed on exit.
     """
     metrics = TeacherMetrics()
@@ -174,7 +174,7 @@ def run_server(cfg: TeacherConfig, scorer=None) -> Iterator[ServerHandle]:
         if cfg.metrics_port:
             metrics.serve(cfg.host, cfg.metrics_port)
         log.info("teacher: bound %s:%d, loading %s (%s backend)", cfg.host, port, cfg.model, cfg.backend)
-        if owns_scorer:
+        if scorer is None:
             scorer = build_scorer(cfg)
         handle.batcher = Batcher(
             scorer.score,

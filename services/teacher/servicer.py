@@ -11,13 +11,15 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
+from typing import NoReturn, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 
 from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.teacher.batcher import Batcher, Draining, QueueFull
@@ -25,6 +27,7 @@ from services.teacher.metrics import TeacherMetrics
 from services.teacher.scorer import ModelInfo, ScoreItem, ScoreResult, Unsupported
 
 log = logging.getLogger(__name__)
+Req = TypeVar("Req", teacher_pb2.ScoreRequest, teacher_pb2.GetInfoRequest)
 I32, F32 = np.dtype("<i4"), np.dtype("<f4")
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 
@@ -169,13 +172,15 @@ def add_to_server(servicer: TeacherServicer, server: grpc.Server) -> None:
     """Register the service with handlers that parse their requests themselves: bytes that are no valid
     message get INVALID_ARGUMENT, where gRPC's own deserializer answers INTERNAL and logs a traceback."""
 
-    def parsed(method, message_cls) -> grpc.RpcMethodHandler:
-        def handle(raw: bytes, context: grpc.ServicerContext):
+    def parsed(
+        method: Callable[[Req, grpc.ServicerContext], Message], message_cls: type[Req]
+    ) -> grpc.RpcMethodHandler:
+        def handle(raw: bytes, context: grpc.ServicerContext) -> Message:
             try:
                 request = message_cls.FromString(raw)
             except DecodeError as e:
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message_cls.DESCRIPTOR.name}: {e}"
+                _abort(
+                    context, grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message_cls.DESCRIPTOR.name}: {e}"
                 )
             return method(request, context)
 
@@ -189,6 +194,12 @@ def add_to_server(servicer: TeacherServicer, server: grpc.Server) -> None:
         "GetInfo": parsed(servicer.GetInfo, teacher_pb2.GetInfoRequest),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+
+
+def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    """`context.abort`, which always raises (grpc ships no type hints that would tell mypy so)."""
+    context.abort(code, message)
+    raise AssertionError("unreachable: ServicerContext.abort raises")
 
 
 class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
@@ -206,12 +217,16 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self._info_pb = info_message(info, self.limits)
         self.batcher = batcher
 
-    def GetInfo(self, request, context):
+    def GetInfo(
+        self, request: teacher_pb2.GetInfoRequest, context: grpc.ServicerContext
+    ) -> teacher_pb2.TeacherInfo:
         if self._info_pb is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "teacher model is loading")
+            _abort(context, grpc.StatusCode.UNAVAILABLE, "teacher model is loading")
         return self._info_pb
 
-    def Score(self, request, context):
+    def Score(
+        self, request: teacher_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> teacher_pb2.ScoreResponse:
         t0 = time.perf_counter()
         code, response, message = self._score(request, context)
         self.metrics.observe_request(code.name, time.perf_counter() - t0)
@@ -223,15 +238,18 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
                 request.request_id,
                 message,
             )
-            context.abort(code, message)
+            _abort(context, code, message)
+        assert response is not None  # OK comes with a response
         return response
 
-    def _score(self, request, context) -> tuple[grpc.StatusCode, teacher_pb2.ScoreResponse | None, str]:
-        batcher = self.batcher
-        if batcher is None:
+    def _score(
+        self, request: teacher_pb2.ScoreRequest, context: grpc.ServicerContext
+    ) -> tuple[grpc.StatusCode, teacher_pb2.ScoreResponse | None, str]:
+        batcher, info = self.batcher, self.info
+        if batcher is None or info is None:
             return grpc.StatusCode.UNAVAILABLE, None, "teacher model is loading"
         try:
-            items = parse_request(request, self.limits, self.info)
+            items = parse_request(request, self.limits, info)
         except InvalidRequest as e:
             return grpc.StatusCode.INVALID_ARGUMENT, None, str(e)
         except Unsupported as e:
@@ -256,6 +274,6 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         except Exception as e:
             return grpc.StatusCode.INTERNAL, None, f"scorer failed: {type(e).__name__}: {e}"
         response = teacher_pb2.ScoreResponse(
-            results=[encode_result(r) for r in results], model_id=self.info.model_id
+            results=[encode_result(r) for r in results], model_id=info.model_id
         )
         return grpc.StatusCode.OK, response, ""
