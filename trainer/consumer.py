@@ -24,14 +24,16 @@ returns the entries it never saw; entries it already holds are never returned tw
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from services.common import redis_keys
 from services.common.experience import ExperienceDecodeError, ExperienceRecord, decode
@@ -86,7 +88,7 @@ class StreamConsumer:
         self._reconnected = True
 
     def _xreadgroup(self, last: str, count: int, block_ms: int | None) -> list[Entry]:
-        def go() -> list:
+        def go() -> Any:  # redis-py types the reply loosely; _entries() reads it
             try:
                 return self.client.xreadgroup(
                     redis_keys.CONSUMER_GROUP, self.consumer, {self.stream: last}, count=count, block=block_ms
@@ -137,7 +139,8 @@ class StreamConsumer:
         start = "0-0"
         while True:
             resp = self._call(
-                lambda start=start: self.client.xautoclaim(
+                functools.partial(
+                    self.client.xautoclaim,
                     self.stream,
                     redis_keys.CONSUMER_GROUP,
                     self.consumer,
@@ -170,7 +173,7 @@ class StreamConsumer:
     def dead_letter(self, entry: Entry, reason: str) -> None:
         """Copy the entry with its reason to `opd:<run>:dead`, then ack + delete it (one transaction)."""
         log.warning("dead-lettering entry %s: %s", entry.entry_id, reason)
-        fields = {
+        fields: dict[FieldT, EncodableT] = {
             "stream": self.stream,
             "entry_id": entry.entry_id,
             "reason": reason,

@@ -46,7 +46,7 @@ def _generate(client: Any, tokenizer: Any, prompts: list[Prompt], s: EvalSetting
             seed=s.seed + start,
         )
         if all(p.token_ids is not None for p in chunk):
-            req = GenerateRequest(prompts=[list(p.token_ids) for p in chunk], **kw)
+            req = GenerateRequest(prompts=[list(p.token_ids or ()) for p in chunk], **kw)
         elif all(p.token_ids is None for p in chunk):
             req = GenerateRequest(texts=[p.text for p in chunk], chat_template=s.chat_template, **kw)
         else:
@@ -65,7 +65,8 @@ def evaluate(
     """`eval/pass@1`, `eval/avg@n`, `eval/pass@n`, `eval/length`, `time/eval` over `prompts`."""
     t0 = time.perf_counter()
     completions = _generate(client, tokenizer, prompts, settings)
-    scores, lengths = [], []
+    scores: list[list[float]] = []
+    lengths: list[int] = []
     for prompt, samples in zip(prompts, completions, strict=True):
         if not samples:
             raise RuntimeError(f"rollout returned no sample for eval prompt row {prompt.row}")

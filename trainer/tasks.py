@@ -11,6 +11,7 @@ names its task (`"task"`), recovery compares a stream's pending entries with tha
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -181,7 +182,7 @@ def eval_tasks(
 
             t0 = time.perf_counter()
             success = evaluate_env(
-                make_env=lambda t=t: eval_env(t),
+                make_env=functools.partial(eval_env, t),
                 seeds=t.eval_seeds(),
                 rollout=client,
                 tokenizer=tokenizer,

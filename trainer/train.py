@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
+from transformers import PreTrainedModel
 
 from services.common import redis_keys
 from services.common.config import ConfigError, report_config_errors, to_dict
@@ -54,12 +55,13 @@ log = logging.getLogger("trainer")
 # ----------------------------------------------------------------------------------------------- setup
 
 
-def load_student(cfg: TrainerConfig, device: torch.device) -> tuple[nn.Module, Any]:
+def load_student(cfg: TrainerConfig, device: torch.device) -> tuple[PreTrainedModel, Any]:
     """The student (any causal LM id or path) in training mode on `device`, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy import
 
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)
+    # transformers' stub for PreTrainedModel.to drops `self` (its decorator), hence the ignore
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)  # type: ignore[arg-type]
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -68,8 +70,10 @@ def load_student(cfg: TrainerConfig, device: torch.device) -> tuple[nn.Module, A
     return model, tokenizer
 
 
-def vocab_size_of(model: nn.Module) -> int:
-    return int(model.get_output_embeddings().weight.shape[0])
+def vocab_size_of(model: PreTrainedModel) -> int:
+    head = model.get_output_embeddings()
+    assert isinstance(head, nn.Module) and isinstance(head.weight, torch.Tensor)
+    return int(head.weight.shape[0])
 
 
 def masked_ids_of(cfg: TrainerConfig, tokenizer: Any) -> torch.Tensor | None:
@@ -123,7 +127,7 @@ def _sync(device: torch.device) -> None:
 
 
 def train_batch(
-    model: nn.Module,
+    model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     records: list[ExperienceRecord],
     cfg: TrainerConfig,
@@ -328,7 +332,7 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
                     )
                     read = r0.streams[task].reader.next_batch(state.policy_version)
                 if read.complete:
-                    blobs = [e.data for e, _ in read.records]
+                    blobs = [e.data for e, _ in read.records if e.data is not None]
                 else:
                     trailing_stale, trailing_task = read, task
             blobs = dist.broadcast_blobs(ctx, blobs)
@@ -430,7 +434,7 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
 
 def _setup_rank_zero(
     cfg: TrainerConfig,
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer: Any,
     state: ckpt.TrainState,
     loaded: ckpt.Loaded | None,
@@ -492,7 +496,7 @@ def _setup_rank_zero(
 
 def _commit_stale(
     cfg: TrainerConfig,
-    model: nn.Module,
+    model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     state: ckpt.TrainState,
     read: BatchRead,
@@ -517,7 +521,7 @@ def _commit_stale(
 
 def _checkpoint(
     cfg: TrainerConfig,
-    model: nn.Module,
+    model: PreTrainedModel,
     optimizer: torch.optim.Optimizer,
     state: ckpt.TrainState,
     lines: list[dict[str, Any]],
@@ -553,6 +557,7 @@ def _eval(cfg: TrainerConfig, state: ckpt.TrainState, r0: RankZero, tokenizer: A
         chat_template=cfg.eval_chat_template,
         seed=cfg.seed,
     )
+    assert r0.eval_client is not None and r0.verifier is not None  # set up with eval_every (_setup_eval)
     return evaluate(r0.eval_client, tokenizer, r0.eval_prompts, r0.verifier, settings)
 
 

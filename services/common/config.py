@@ -10,6 +10,7 @@ Each field's help text lives in `field(metadata={"help": ...})`; defaults are wr
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -20,9 +21,9 @@ import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, TypeVar, cast
 
-C = TypeVar("C")
+C = TypeVar("C", bound="ConfigBase")
 P = ParamSpec("P")
 
 # One variable holds the weight-update bearer token for both ends: the rollout service and the trainer.
@@ -32,7 +33,9 @@ WEIGHTS_TOKEN_ENV = "OPD_WEIGHTS_TOKEN"
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A config field with its help text. Mutable defaults (lists) are copied per instance."""
     if isinstance(default, list | dict):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+        return dataclasses.field(
+            default_factory=functools.partial(copy.copy, default), metadata={"help": help}, **kw
+        )
     return dataclasses.field(default=default, metadata={"help": help}, **kw)
 
 
@@ -110,7 +113,7 @@ def flag_name(field_name: str) -> str:
 
 
 def env_name(cls: type, field_name: str) -> str:
-    return cls.ENV_PREFIX + field_name.upper()
+    return cast(type[ConfigBase], cls).ENV_PREFIX + field_name.upper()
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -152,7 +155,7 @@ def build_config(
 ) -> C:
     """Merge the layers into an instance of `cls` (whose __post_init__ validates)."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = {f.name for f in dataclasses.fields(cast(Any, cls))}
     values: dict[str, Any] = {}
     for key, value in (toml_values or {}).items():
         if key not in names:
@@ -211,10 +214,13 @@ def load(
 
 def defaults(cls: type) -> dict[str, Any]:
     """Each field's default, as written in the class (for checks that read raw TOML sections)."""
-    return {
-        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        for f in dataclasses.fields(cls)
-    }
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
 
 
 def report_config_errors(prog: str) -> Callable[[Callable[P, int]], Callable[P, int]]:

@@ -32,9 +32,10 @@ Transcript (one sequence per episode; `>` opens every turn):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -47,6 +48,17 @@ from services.worker.envs.base import Environment
 from services.worker.record import BadPromptError, build_record, request_seed
 
 T = TypeVar("T")
+
+
+class Caller(Protocol):
+    """How a service call is made: `call(fn, name)` runs `fn` (the worker passes its retry policy)."""
+
+    def __call__(self, fn: Callable[[], T], name: str, /) -> T: ...
+
+
+def call_directly(fn: Callable[[], T], name: str, /) -> T:
+    return fn()
+
 
 TURN_PROMPT = "\n>"  # ends every observation: the model's cue to write an action
 ENV_LOGPROB = 0.0  # filler log-probability of an environment token (it is given, not sampled)
@@ -115,7 +127,7 @@ def play(
     top_p: float,
     sample_seed: int,
     max_context_tokens: int = 0,
-    call: Callable[[Callable[[], T], str], T] = lambda fn, name: fn(),
+    call: Caller = call_directly,
 ) -> None:
     """Run the turn loop of `episodes` (already reset, prompt_ids set) in place: every turn, one generate
     call per REQUEST_SIZE active episodes, then each environment's step and reply."""
@@ -140,7 +152,9 @@ def play(
                 seed=request_seed(sample_seed, turn, start),
                 stop_token_ids=stop,
             )
-            response: GenerateResponse = call(lambda r=request: rollout.generate(r), "rollout_generate")
+            response: GenerateResponse = call(
+                functools.partial(rollout.generate, request), "rollout_generate"
+            )
             if sorted(s.prompt_index for s in response.samples) != list(range(len(chunk))):
                 raise ValueError(f"rollout answered {len(response.samples)} samples for {len(chunk)} prompts")
             for s in response.samples:
@@ -205,7 +219,7 @@ def run_episodes(
     record_id: str,
     task: str,
     teacher_model_id: str,
-    call: Callable[[Callable[[], T], str], T] = lambda fn, name: fn(),
+    call: Caller = call_directly,
 ) -> ExperienceRecord:
     """G episodes from one environment seed, scored by the teacher, as one experience record.
 
@@ -244,7 +258,7 @@ def run_episodes(
             sequences.append(prompt_ids + e.ids[:z])  # [P + z]: the full context of the action
             score_from.append(P + a)
             owners.append((i, (a, z)))
-    scored = call(
+    scored: list[ScoredRows] = call(
         lambda: teacher.score(sequences, score_from=score_from, top_k=settings.top_k, request_id=record_id),
         "teacher_score",
     )

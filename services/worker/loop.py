@@ -27,7 +27,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, TypeVar
 
@@ -161,7 +161,7 @@ class RolloutWorker:
             raise BadPromptError(
                 f"prompt row {prompt.row}: all {len(response.samples)} completions are empty"
             )
-        candidates = None
+        candidates: list[np.ndarray | None] | None = None  # per sample: [L, C] ids the teacher also scores
         if student_topk:
             candidates = [
                 np.asarray(s.top_ids, dtype=np.int32).reshape(len(s.token_ids), -1) for s in samples
@@ -194,7 +194,11 @@ class RolloutWorker:
         )
 
     def _score(
-        self, record_id: str, prompt_ids: list[int], samples: list[Sample], candidates: list | None
+        self,
+        record_id: str,
+        prompt_ids: list[int],
+        samples: list[Sample],
+        candidates: list[np.ndarray | None] | None,
     ) -> list[ScoredRows]:
         def score(seqs, score_from, cands):
             return self.teacher.score(
@@ -203,6 +207,7 @@ class RolloutWorker:
 
         completions = [list(s.token_ids) for s in samples]
         if self.aliases is not None:
+            assert candidates is not None  # aliases always add their ids (run_one)
             scored = self.aliases.score(score, prompt_ids, completions, candidates)
             self.aliases.count(completions)
             return scored
@@ -223,6 +228,7 @@ class RolloutWorker:
             sample_seed=request_seed(cfg.seed, prompt.row, prompt.epoch),
             max_context_tokens=cfg.max_context_tokens,
         )
+        assert self.make_env is not None and self.teacher_model_id is not None  # run_one checked both
         record = run_episodes(
             make_env=self.make_env,
             env_seed=prompt.row,
@@ -236,7 +242,7 @@ class RolloutWorker:
             call=self._retry,
         )
         for s in record.samples:
-            self.metrics.reward.observe(s.reward)  # 1.0 for a successful episode
+            self.metrics.reward.observe(s.reward or 0.0)  # 1.0 for a successful episode, else 0.0
         return record
 
     # -- Redis
@@ -247,7 +253,8 @@ class RolloutWorker:
         try:
             entry, appended = self.sink.append(record)
         except Stopped as e:
-            return self._drop(record, str(e))
+            self._drop(record, str(e))
+            return None
         if appended:
             self._account(record)
         return entry
@@ -365,7 +372,7 @@ class RolloutWorker:
         )
         return summary
 
-    def _loop(self, prompts: Iterable[Prompt], start: float) -> None:
+    def _loop(self, prompts: Iterator[Prompt], start: float) -> None:
         cfg = self.cfg
         in_flight: set[Future] = set()
         exhausted = False

@@ -90,7 +90,13 @@ class RecordSink:
         False). `Stopped` when a stop comes while the stream is full or Redis is down."""
         keys = [self.stream, record_marker_key(self.run, record.record_id)]
         nonce = secrets.token_hex(8)  # tells this call's own lost-reply retry from an earlier append()
-        args = [self.max_backlog, RECORD_FIELD, encode(record), RECORD_MARKER_TTL_S, nonce]
+        args: list[bytes | str | int] = [
+            self.max_backlog,
+            RECORD_FIELD,
+            encode(record),
+            RECORD_MARKER_TTL_S,
+            nonce,
+        ]
         poll = 0.05
         while True:
             reply = self.call(lambda: self._script(keys=keys, args=args))
