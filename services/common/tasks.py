@@ -25,7 +25,7 @@ workers block on their own backlog bound, so a fast task cannot fill a shared st
 trainer holds back while it waits for the slow task's batch (which would block the slow task's workers).
 Without tasks everything is as before: one stream `opd:<run>:experience`.
 
-The trainer's schedule is `task_for_batch` below: "alternate" (round-robin in file order, the paper's) or
+The trainer's schedule is `TaskSchedule` in trainer/schedule.py: "alternate" (round-robin in file order, the paper's) or
 "mix" (smooth weighted round-robin: task i gets weight_i / sum(weights) of the batches, interleaved as
 evenly as the weights allow; deterministic, so a resumed run continues the same sequence).
 """
