@@ -332,7 +332,9 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
                     )
                     read = r0.streams[task].reader.next_batch(state.policy_version)
                 if read.complete:
+                    # Every read record was decoded from its entry's data, so none is None.
                     blobs = [e.data for e, _ in read.records if e.data is not None]
+                    assert len(blobs) == len(read.records)
                 else:
                     trailing_stale, trailing_task = read, task
             blobs = dist.broadcast_blobs(ctx, blobs)
