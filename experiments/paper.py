@@ -8,7 +8,7 @@
     opd experiment diagnostics --student DIR --teacher DIR [...]   Figures 2 and 4, experiments/diagnostics.py
 
 `table` and `ablations` build one TOML file per (variant, seed) from the base file (demo.toml) with section
-overrides, run the whole local pipeline (`launcher.pipeline.run`) for each, one after the other, and then
+overrides, run the whole local pipeline (`opd up`, as a subprocess) for each, one after the other, and then
 collect from every run's metrics.jsonl the first and last `eval/pass@1` (greedy, through the rollout
 service). When `--avg-n` > 0, each run's final checkpoint is also evaluated here with transformers: greedy
 pass@1 and avg@n (n samples per prompt at trainer.eval_temperature and eval_top_p). Outputs, under

@@ -28,7 +28,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from experiments.tiny_models import BOS, PAD, STUDENT_EOS, TEACHER_EOS, UNK, build_char_tokenizer
-from services.common.verifiers import toy_arith_answer
+from services.common.verifiers import toy_arith, toy_arith_answer
 
 # Digits, the two operators and the line break: everything a prompt or a completion can contain.
 ALPHABET = "0123456789+=\n"
@@ -168,8 +168,7 @@ def extract_answer(completion: str) -> str | None:
 
 def verify(completion: str, answer: str) -> bool:
     """True iff the completion's final answer equals `answer` exactly (as a digit string)."""
-    got = extract_answer(completion)
-    return got is not None and got == str(answer).strip()
+    return toy_arith(completion, answer, END_MARKERS) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------ eval

@@ -74,9 +74,10 @@ def toy_arith_answer(completion: str, end_markers: Sequence[str] = ()) -> str | 
     return m.group(1) if m else None
 
 
-def toy_arith(completion: str, answer: str) -> float:
-    """1.0 iff the toy completion's final answer equals `answer` exactly (as a digit string)."""
-    got = toy_arith_answer(completion)
+def toy_arith(completion: str, answer: str, end_markers: Sequence[str] = ()) -> float:
+    """1.0 iff the toy completion's final answer (cut at `end_markers`) equals `answer` exactly (as a digit
+    string)."""
+    got = toy_arith_answer(completion, end_markers)
     return 1.0 if got is not None and got == str(answer).strip() else 0.0
 
 
