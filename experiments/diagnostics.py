@@ -35,11 +35,10 @@ from torch import Tensor
 
 def load_checkpoint_model(base_model: str, checkpoint_dir: str | Path | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of `base_model` (hub id or path), with the newest trainer checkpoint's weights
-    from `checkpoint_dir` loaded when given (trainer checkpoints hold only model.safetensors)."""
-    import safetensors.torch
+    from `checkpoint_dir` loaded when given (the model part of its DCP checkpoint, any number of ranks)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.policy_files import MODEL_FILE, list_checkpoints
+    from services.common.policy_files import DCP_DIR, list_checkpoints, read_dcp_model
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
@@ -47,8 +46,20 @@ def load_checkpoint_model(base_model: str, checkpoint_dir: str | Path | None = N
         ckpts = list_checkpoints(Path(checkpoint_dir))
         if not ckpts:
             raise FileNotFoundError(f"no ckpt-* directory in {checkpoint_dir}")
-        safetensors.torch.load_model(model, str(ckpts[-1] / MODEL_FILE), strict=True)
+        load_full_state(model, read_dcp_model(ckpts[-1] / DCP_DIR))
     return model.eval(), tokenizer
+
+
+def load_full_state(model: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Load a full state dict, allowing only tied names (the LM head of tied embeddings) to be absent."""
+    result = model.load_state_dict(tensors, strict=False)
+    params = dict(model.state_dict(keep_vars=True))
+    shared = {n for n in result.missing_keys if any(params[n] is params[k] for k in tensors if k in params)}
+    if result.unexpected_keys or set(result.missing_keys) - shared:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {sorted(set(result.missing_keys) - shared)}, "
+            f"unexpected {sorted(result.unexpected_keys)}"
+        )
 
 
 @torch.no_grad()

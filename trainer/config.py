@@ -18,7 +18,10 @@ from trainer.schedule import SCHEDULES
 OBJECTIVES = ("lsm", "sampled_token", "gamma", "full_kl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
+PUSH_DTYPES = ("auto", *DTYPES)
 PUSH_MODES = ("http", "shared")
+PARALLELISMS = ("replicate", "fsdp")
+CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass
@@ -32,9 +35,23 @@ class TrainerConfig(ConfigBase):
     model: str = opt("", "student: Hugging Face hub id or local path (also the start point of training)")
     tokenizer: str = opt("", "tokenizer hub id or path (empty = the model's)")
     device: str = opt("auto", "torch device: auto (cuda if available, else cpu), cpu, cuda")
-    dtype: str = opt("float32", "parameter dtype: float32 or bfloat16 (loss maths is fp32 either way)")
-    gradient_checkpointing: bool = opt(False, "recompute activations in backward (long contexts)")
+    dtype: str = opt(
+        "float32", "master weights and optimizer state: float32 (bfloat16 is refused; use compute_dtype)"
+    )
+    compute_dtype: str = opt(
+        "float32", "matmul dtype: float32, or bfloat16 (fp32 master weights, fp32 gradient reduction)"
+    )
+    parallelism: str = opt(
+        "replicate", "replicate: a whole student per rank; fsdp: FSDP2, parameters/grads/optimizer sharded"
+    )
+    activation_checkpointing: str = opt(
+        "auto", "recompute each decoder layer in backward: on, off, auto (on from 1B parameters)"
+    )
     max_seq_len: int = opt(16384, "longest prompt + completion trained on; longer completions are cut")
+    max_tokens_per_micro_batch: int = opt(
+        0, "split each rank's share of a mini-batch into micro-batches of at most this many tokens (0 = off)"
+    )
+    pack_sequences: bool = opt(False, "pack a micro-batch's sequences into one row (no padding)")
     chunk_size: int = opt(1024, "positions per chunk in the LM-head kernels (trainer/heads.py)")
     seed: int = opt(0, "seed for torch, numpy and python RNGs")
 
@@ -99,12 +116,16 @@ class TrainerConfig(ConfigBase):
     )
     rollout_tls_ca_file: str = opt("", "CA bundle for https:// rollout_urls/eval_url (empty = system CAs)")
     push_timeout_s: float = opt(300.0, "HTTP timeout of one weight push or load")
+    push_dtype: str = opt(
+        "auto", "dtype of pushed weights, the rollout's serving dtype (auto = compute_dtype)"
+    )
 
     # --- checkpoint
     checkpoint_dir: str = opt("runs/trainer", "checkpoints and the commit log live here")
     checkpoint_every: int = opt(
         1, "checkpoint every N batches; entries are acked only after their checkpoint"
     )
+    checkpoint_async: bool = opt(True, "write checkpoints in the background while training continues")
     keep_checkpoints: int = opt(2, "how many checkpoints to keep")
     resume: bool = opt(False, "continue from the latest checkpoint in checkpoint_dir")
 
@@ -138,8 +159,29 @@ class TrainerConfig(ConfigBase):
             raise ConfigError("consumer: must be non-empty")
         if self.device not in DEVICES:
             raise ConfigError(f"device: {self.device!r} is not one of {DEVICES}")
+        if self.dtype == "bfloat16":
+            raise ConfigError(
+                "dtype: bfloat16 master weights lose every AdamW update smaller than 1/256 of a weight "
+                "(at lr 2e-6, most of them, and all of those near 1.0 such as norm weights): keep "
+                'dtype = "float32" and set compute_dtype = "bfloat16" for bf16 matmuls'
+            )
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {DTYPES}")
+        if self.compute_dtype not in DTYPES:
+            raise ConfigError(f"compute_dtype: {self.compute_dtype!r} is not one of {DTYPES}")
+        if self.push_dtype not in PUSH_DTYPES:
+            raise ConfigError(f"push_dtype: {self.push_dtype!r} is not one of {PUSH_DTYPES}")
+        if self.parallelism not in PARALLELISMS:
+            raise ConfigError(f"parallelism: {self.parallelism!r} is not one of {PARALLELISMS}")
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise ConfigError(
+                f"activation_checkpointing: {self.activation_checkpointing!r} is not one of {CHECKPOINTING}"
+            )
+        if self.parallelism == "fsdp" and self.grad_variance_every:
+            raise ConfigError(
+                "grad_variance_every: the gradient-variance estimate reads the whole LM head on rank 0; "
+                "it needs parallelism = 'replicate' (set grad_variance_every = 0 with fsdp)"
+            )
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"objective: {self.objective!r} is not one of {OBJECTIVES}")
         if self.support not in SUPPORTS:
@@ -172,6 +214,7 @@ class TrainerConfig(ConfigBase):
             "read_block_ms",
             "claim_orphans_idle_ms",
             "eval_max_prompts",
+            "max_tokens_per_micro_batch",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} < 0")

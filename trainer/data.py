@@ -1,13 +1,35 @@
-"""Experience records -> padded training tensors, the staleness rule, and the support of each variant.
+"""Experience records -> padded or packed training tensors, the staleness rule, and the support of each variant.
 
 A record (one stream entry) holds the G samples of one prompt; a *sequence* is one of those samples with its
-prompt. `collate` pads a list of sequences into a `MiniBatch`:
+prompt. `collate` lays a list of B sequences out as a `MiniBatch`, in one of two layouts of the model input:
 
-    input_ids_B_S        prompt + completion, right-padded (S = longest prompt + completion)
-    positions_B_T        index into S of the hidden state that predicts completion token t (P - 1 + t)
+    padded (default)  one row per sequence, right-padded to the longest; an attention mask marks the padding
+    packed            every sequence back to back in ONE row, no padding; position ids restart at 0 at each
+                      sequence and there is no attention mask, which is how Hugging Face models take packed
+                      input (below)
+
+The model-input fields have one row per sequence (padded) or one row in all (packed); every other field has
+one row per sequence in both layouts:
+
+    input_ids_B_S        prompt + completion of each sequence (S = longest prompt + completion, or the sum)
+    attention_mask_B_S   1 on real tokens (padded); None (packed)
+    position_ids_B_S     None (padded: the model's default 0..S-1); 0..P+L-1 within each sequence (packed)
+    hidden_rows_B        the row of input_ids_B_S (and of the hidden states) that holds sequence b
+    positions_B_T        index into that row of the hidden state that predicts completion token t
+                         (sequence start + P - 1 + t; the start is 0 when padded); 0 where not valid
     valid_B_T            a completion token exists at t (T = longest completion)
     token_mask_B_T       it counts in the loss: valid, not an environment position, not a masked special token
     support_*_B_T_K      the support S_t: ids, the teacher's log q at them, and which slots count
+
+Packing (padding-free) spends no compute on padding, which matters when completion lengths vary widely. With
+`attention_mask=None` and position ids that restart at 0, transformers 5.x (masking_utils,
+`find_packed_sequence_indices`) builds a block-diagonal causal mask for the sdpa, eager and flex attention
+implementations, and the flash-attention implementations derive the varlen sequence boundaries from the same
+position ids (modeling_flash_attention_utils, `_is_packed_sequence`, which needs a batch of one row). An
+attention implementation outside those would let sequences attend to each other: compute_objective's packed
+result equals the padded one only under them (tests/unit/trainer/test_packing.py checks sdpa and eager).
+
+`micro_batches` splits one rank's shard into groups under a token budget, for gradient accumulation.
 
 Support variants (DESIGN.md section 1):
     teacher_topk               the first K of the teacher's top-K ids (sorted by descending log q)
@@ -18,7 +40,7 @@ Support variants (DESIGN.md section 1):
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -156,11 +178,13 @@ def check_record(
 
 @dataclass
 class MiniBatch:
-    """Padded tensors of B sequences; see the module docstring for each field."""
+    """B sequences in the padded or packed layout; see the module docstring for each field."""
 
-    input_ids_B_S: Tensor  # int64
-    attention_mask_B_S: Tensor  # int64
-    positions_B_T: Tensor  # int64
+    input_ids_B_S: Tensor  # int64, B rows when padded, 1 row when packed
+    attention_mask_B_S: Tensor | None  # int64; None when packed
+    position_ids_B_S: Tensor | None  # int64; None when padded
+    hidden_rows_B: Tensor  # int64, the row of input_ids_B_S holding each sequence
+    positions_B_T: Tensor  # int64, index into that row
     valid_B_T: Tensor  # bool
     token_mask_B_T: Tensor  # bool
     sampled_ids_B_T: Tensor  # int64, y_t
@@ -172,19 +196,106 @@ class MiniBatch:
     policy_versions_B: Tensor  # int64
 
     def to(self, device: torch.device | str) -> MiniBatch:
-        return MiniBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """Every tensor on `device`; the fields the layout leaves None stay None."""
+        tensors = {f.name: getattr(self, f.name) for f in fields(self)}
+        return replace(self, **{k: v.to(device) for k, v in tensors.items() if v is not None})
+
+    @property
+    def packed(self) -> bool:
+        """All sequences share one row (collate(pack=True))."""
+        return self.position_ids_B_S is not None
 
     def rows(self, start: int, end: int) -> MiniBatch:
-        """Sequences [start, end) (padding is kept; it is masked)."""
-        return MiniBatch(**{f.name: getattr(self, f.name)[start:end] for f in fields(self)})
+        """Sequences [start, end) (Python slice bounds) as a self-contained MiniBatch of the same layout.
+
+        Padded: their rows, padding kept (it is masked). Packed: the stretch of the packed row that holds
+        them (sequences are stored in order and each starts at position id 0), positions re-based to it.
+        """
+        start, end, _ = slice(start, end).indices(self.num_sequences)
+        end = max(start, end)
+        out = {
+            f.name: getattr(self, f.name)[start:end]
+            for f in fields(self)
+            if f.name not in _ROW_FIELDS and f.name != "positions_B_T"
+        }
+        if self.position_ids_B_S is None:
+            assert self.attention_mask_B_S is not None  # collate: the padded layout carries its mask
+            return MiniBatch(
+                input_ids_B_S=self.input_ids_B_S[start:end],
+                attention_mask_B_S=self.attention_mask_B_S[start:end],
+                position_ids_B_S=None,
+                hidden_rows_B=self.hidden_rows_B[start:end] - start,
+                positions_B_T=self.positions_B_T[start:end],
+                **out,
+            )
+        starts_B = (self.position_ids_B_S[0] == 0).nonzero()[:, 0].tolist() + [self.input_ids_B_S.shape[1]]
+        lo, hi = starts_B[start], starts_B[end]
+        valid_B_T = self.valid_B_T[start:end]
+        return MiniBatch(
+            input_ids_B_S=self.input_ids_B_S[:, lo:hi],
+            attention_mask_B_S=None,
+            position_ids_B_S=self.position_ids_B_S[:, lo:hi],
+            hidden_rows_B=self.hidden_rows_B[start:end],
+            positions_B_T=torch.where(valid_B_T, self.positions_B_T[start:end] - lo, 0),
+            **out,
+        )
 
     @property
     def num_sequences(self) -> int:
-        return int(self.input_ids_B_S.shape[0])
+        return int(self.valid_B_T.shape[0])
 
     @property
     def num_loss_tokens(self) -> int:
         return int(self.token_mask_B_T.sum())
+
+
+# Fields shaped by the model-input layout (rows of input ids) rather than by sequence.
+_ROW_FIELDS = frozenset({"input_ids_B_S", "attention_mask_B_S", "position_ids_B_S", "hidden_rows_B"})
+
+
+def sequence_tokens(seq: TrainSequence, max_seq_len: int) -> int:
+    """Tokens `seq` puts into the model: its prompt plus its completion cut to `max_seq_len` in all."""
+    P = len(seq.prompt_ids)
+    return P + min(len(seq.sample), max_seq_len - P)
+
+
+def micro_batches(
+    seqs: Seq[TrainSequence], max_tokens: int, *, max_seq_len: int, packed: bool
+) -> list[list[TrainSequence]]:
+    """Split one rank's shard into micro-batches whose model input costs at most `max_tokens` tokens.
+
+    Cost of a micro-batch: rows * its longest sequence (padded) or its total length (packed), lengths as
+    collate cuts them (`sequence_tokens`). A sequence over the budget on its own forms a micro-batch alone;
+    `max_tokens = 0` means no limit (one micro-batch). Sequences are taken longest first (ties in input
+    order) and each goes into the first micro-batch it fits: sorting keeps similar lengths together, so
+    padded micro-batches waste little on padding, and first-fit fills packed ones close to the budget. The
+    split is a pure function of the lengths, so every rank that splits the same shard gets the same groups.
+
+    Since compute_objective's loss with a shared `denom_tokens` is a sum over tokens, the micro-batches'
+    gradients add up to the shard's whatever the grouping.
+    """
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if not seqs:
+        return []
+    if max_tokens == 0:
+        return [list(seqs)]
+    lengths = [sequence_tokens(s, max_seq_len) for s in seqs]
+    order = sorted(range(len(seqs)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    groups: list[list[int]] = []
+    for i in order:
+        for g in groups:
+            if _cost([lengths[j] for j in g] + [lengths[i]], packed) <= max_tokens:
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return [[seqs[i] for i in g] for g in groups]
+
+
+def _cost(lengths: list[int], packed: bool) -> int:
+    """Model-input tokens of sequences of these lengths, packed or padded to the longest."""
+    return sum(lengths) if packed else len(lengths) * max(lengths)
 
 
 def collate(
@@ -195,23 +306,35 @@ def collate(
     max_seq_len: int,
     masked_ids: Tensor | None = None,
     aliases: TrainerAliases | None = None,
+    pack: bool = False,
 ) -> MiniBatch:
-    """Pad `seqs` into a MiniBatch; completions longer than `max_seq_len - P` are cut.
+    """Lay `seqs` out as a MiniBatch; completions longer than `max_seq_len - P` are cut.
 
-    `masked_ids` (int64 [M]) turns on special-token masking: positions whose sampled token is in it leave
-    the loss, and those ids leave every support. `aliases` rewrites the teacher's scores to the merged
-    distribution (trainer/aliases.py). Records are assumed to have passed `check_record`.
+    `pack` puts every sequence into one row with no padding (module docstring); the per-sequence [B, T] and
+    [B, T, K] fields are the same in both layouts. `masked_ids` (int64 [M]) turns on special-token masking:
+    positions whose sampled token is in it leave the loss, and those ids leave every support. `aliases`
+    rewrites the teacher's scores to the merged distribution (trainer/aliases.py). Records are assumed to
+    have passed `check_record`.
     """
     if not seqs:
         raise ValueError("collate: no sequences")
     B = len(seqs)
     P_B = [len(s.prompt_ids) for s in seqs]
-    L_B = [min(len(s.sample), max_seq_len - p) for s, p in zip(seqs, P_B, strict=True)]
-    S, T = max(p + n for p, n in zip(P_B, L_B, strict=True)), max(L_B)
+    L_B = [sequence_tokens(s, max_seq_len) - p for s, p in zip(seqs, P_B, strict=True)]
+    n_B = [p + n for p, n in zip(P_B, L_B, strict=True)]
+    T = max(L_B)
     K = top_k
+    # where sequence b lives in the model input: its row and the offset of its first token in that row
+    if pack:
+        rows_B, start_B = np.zeros(B, np.int64), np.cumsum([0, *n_B[:-1]]).astype(np.int64)
+        R, S = 1, sum(n_B)
+    else:
+        rows_B, start_B = np.arange(B, dtype=np.int64), np.zeros(B, np.int64)
+        R, S = B, max(n_B)
 
-    input_ids = np.zeros((B, S), np.int64)
-    attention = np.zeros((B, S), np.int64)
+    input_ids = np.zeros((R, S), np.int64)
+    attention = np.zeros((R, S), np.int64)
+    position_ids = np.zeros((R, S), np.int64)
     positions = np.zeros((B, T), np.int64)
     valid = np.zeros((B, T), bool)
     env = np.zeros((B, T), bool)
@@ -223,10 +346,14 @@ def collate(
     sup_keep = np.ones((B, T, K), bool)
     for b, (seq, P, L) in enumerate(zip(seqs, P_B, L_B, strict=True)):
         s = seq.sample
-        input_ids[b, :P] = seq.prompt_ids
-        input_ids[b, P : P + L] = s.completion_ids[:L]
-        attention[b, : P + L] = 1
-        positions[b, :L] = np.arange(P - 1, P - 1 + L)  # hidden state at P-1+t predicts completion token t
+        r, o = rows_B[b], start_B[b]
+        input_ids[r, o : o + P] = seq.prompt_ids
+        input_ids[r, o + P : o + P + L] = s.completion_ids[:L]
+        attention[r, o : o + P + L] = 1
+        position_ids[r, o : o + P + L] = np.arange(P + L)
+        positions[b, :L] = o + np.arange(
+            P - 1, P - 1 + L
+        )  # hidden state at P-1+t predicts completion token t
         valid[b, :L] = True
         env_pos = s.env_positions[s.env_positions < L]
         env[b, env_pos] = True
@@ -264,7 +391,9 @@ def collate(
         token_mask, mask_t = losses.special_token_mask(sampled_t, token_mask, ids_t, mask_t, masked_ids)
     return MiniBatch(
         input_ids_B_S=torch.from_numpy(input_ids),
-        attention_mask_B_S=torch.from_numpy(attention),
+        attention_mask_B_S=None if pack else torch.from_numpy(attention),
+        position_ids_B_S=torch.from_numpy(position_ids) if pack else None,
+        hidden_rows_B=torch.from_numpy(rows_B),
         positions_B_T=torch.from_numpy(positions),
         valid_B_T=valid_t,
         token_mask_B_T=token_mask,

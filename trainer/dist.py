@@ -7,6 +7,10 @@ the *global* token count of the mini-batch, and gradients are all-reduced with S
 single-process update on the whole mini-batch (up to float summation order). Parameters start equal
 (broadcast from rank 0) and every rank applies the same reduced gradient, so they stay equal.
 
+With `parallelism = "fsdp"` (trainer/parallel.py) FSDP2 reduce-scatters the gradients during backward
+instead, with the same SUM semantics; everything else here (one consumer, broadcast records, token-count
+denominators) is shared by both layouts.
+
 Why not the DDP wrapper: the loss reaches the LM-head weight through trainer/heads.py, outside
 `module.forward`, which DDP's reducer does not see; an explicit coalesced all-reduce after backward has
 DDP's semantics without that coupling. One consumer per run also keeps the exactly-once bookkeeping
@@ -49,21 +53,34 @@ class DistContext:
         return self.device if self.enabled and dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def init_distributed(device_name: str) -> DistContext:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process."""
+def init_distributed(device_name: str, *, always_group: bool = False) -> DistContext:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); otherwise a single process.
+
+    `always_group` makes a one-rank group for a single process (FSDP2 needs a device mesh even on one rank).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or always_group) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if world > 1:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return DistContext(rank=rank, world_size=world, device=device)
 
 
+def checkpoint_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for background checkpoint writes (trainer/checkpoint.py), or None without
+    a process group. Its own group: the writer thread's collectives must not interleave with training's."""
+    return dist.new_group(backend="gloo") if dist.is_initialized() else None
+
+
 def shutdown(ctx: DistContext) -> None:
-    if ctx.enabled and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -112,6 +129,15 @@ def all_reduce_sum(ctx: DistContext, values: list[float]) -> list[float]:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=ctx.comm_device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def all_reduce_max(ctx: DistContext, values: list[float]) -> list[float]:
+    """Elementwise max of a list of floats over ranks (float64)."""
+    if not ctx.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.comm_device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
 

@@ -58,6 +58,19 @@ def mean_metrics(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d[k] for d in dicts if k in d) / sum(1 for d in dicts if k in d) for k in sorted(keys)}
 
 
+def weighted_mean(parts: list[tuple[dict[str, float], float]]) -> dict[str, float]:
+    """Per-key mean weighted by each dict's weight (micro-batch metrics weighted by their loss tokens).
+
+    Weights that sum to 0 (no loss tokens anywhere) give the plain mean, so the keys never go missing."""
+    if not parts:
+        return {}
+    total = sum(w for _, w in parts)
+    if total <= 0:
+        return mean_metrics([d for d, _ in parts])
+    keys = sorted({k for d, _ in parts for k in d})
+    return {k: sum(d.get(k, 0.0) * w for d, w in parts) / total for k in keys}
+
+
 class MetricsWriter:
     """Appends one JSON line per call to `<dir>/metrics.jsonl` and, if asked, TensorBoard scalars."""
 

@@ -4,8 +4,14 @@ The LSM and sampled-token paths never build [T, V] logits: hidden states at the 
 through trainer/heads.py (support logits, chunked logsumexp). Only `full_kl`, the reference, builds them.
 
 `denom_tokens` makes a shard's loss use a larger mini-batch's token count as the denominator (data
-parallelism, trainer/dist.py): loss = (sum over this shard's tokens) / denom_tokens, so the shards' losses,
-and hence their gradients, add up to those of the whole mini-batch.
+parallelism, trainer/dist.py; micro-batches, trainer/data.py `micro_batches`): loss = (sum over this shard's
+tokens) / denom_tokens, so the shards' losses, and hence their gradients, add up to those of the whole
+mini-batch.
+
+`compute_dtype` runs the LM head in a lower precision than the master weights: the completion hidden states
+and the head's weight and bias are cast to it (a V x D copy of the weight in that dtype per call) and the
+heads accumulate the weight gradient in fp32 (trainer/heads.py); the gradient flows back through the cast
+and reaches the master weight in its own dtype.
 """
 
 from __future__ import annotations
@@ -25,9 +31,12 @@ if TYPE_CHECKING:
 
 
 def completion_hidden(hidden_B_S_d: Tensor, mb: MiniBatch) -> Tensor:
-    """[N, d] hidden states that predict the N valid completion tokens (row-major over (b, t))."""
-    b_B_T = torch.arange(mb.positions_B_T.shape[0], device=hidden_B_S_d.device)[:, None]
-    h_B_T_d = hidden_B_S_d[b_B_T, mb.positions_B_T]  # (B, T, d)
+    """[N, d] hidden states that predict the N valid completion tokens (row-major over (b, t)).
+
+    `hidden_B_S_d` has the rows of mb.input_ids_B_S (one per sequence, or one packed row); sequence b's
+    states are in row mb.hidden_rows_B[b] at mb.positions_B_T[b].
+    """
+    h_B_T_d = hidden_B_S_d[mb.hidden_rows_B[:, None], mb.positions_B_T]  # (B, T, d)
     return h_B_T_d[mb.valid_B_T]  # (N, d)
 
 
@@ -128,15 +137,15 @@ def compute_objective(
     cfg: TrainerConfig,
     denom_tokens: float | None = None,
     with_diagnostics: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """(loss, metrics) for one (shard of a) mini-batch already on the model's device.
+    """(loss, metrics) for one (shard of a) mini-batch already on the model's device, padded or packed.
 
     With `denom_tokens`, the loss is rescaled to sum(shard tokens) / denom_tokens (see the module docstring);
-    metrics stay this shard's own token means.
+    metrics stay this shard's own token means. `compute_dtype` is the LM head's dtype (module docstring).
     """
-    hidden_B_S_d = heads.final_hidden(model, mb.input_ids_B_S, mb.attention_mask_B_S)
-    weight_V_d, bias_V = heads.lm_head_of(model)
-    h_N_d = completion_hidden(hidden_B_S_d, mb)
+    hidden_B_S_d = heads.final_hidden(model, mb.input_ids_B_S, mb.attention_mask_B_S, mb.position_ids_B_S)
+    h_N_d, weight_V_d, bias_V = _head_inputs(model, completion_hidden(hidden_B_S_d, mb), compute_dtype)
     loss, metrics = head_objective(h_N_d, weight_V_d, bias_V, mb, cfg)
     if with_diagnostics:
         metrics.update(diagnostics(h_N_d, weight_V_d, bias_V, mb, cfg))
@@ -145,21 +154,44 @@ def compute_objective(
     return loss, metrics
 
 
+def _head_inputs(
+    model: PreTrainedModel, h_N_d: Tensor, compute_dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(hidden, weight, bias) for the heads, cast to `compute_dtype` when given (differentiably)."""
+    weight_V_d, bias_V = heads.lm_head_of(model)
+    if compute_dtype is None:
+        return h_N_d, weight_V_d, bias_V
+    return (
+        h_N_d.to(compute_dtype),
+        weight_V_d.to(compute_dtype),
+        None if bias_V is None else bias_V.to(compute_dtype),
+    )
+
+
 def lm_head_gradient_variance(
-    model: PreTrainedModel, mb: MiniBatch, cfg: TrainerConfig, micro_batches: int
+    model: PreTrainedModel,
+    mb: MiniBatch,
+    cfg: TrainerConfig,
+    micro_batches: int,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Paper appendix C.2: split the mini-batch into M micro-batches, take the objective's gradient on the
     LM-head weight for each, and report the total variance sum_j Var_m[g_m[j]] (unbiased over m) and the
-    same divided by the squared norm of the mean gradient. The trunk runs once without grad.
+    same divided by the squared norm of the mean gradient. The trunk runs once without grad, over the whole
+    mini-batch in its layout (padded or packed); each micro-batch takes its sequences' rows of the
+    completion hidden states.
     """
-    weight_V_d, bias_V = heads.lm_head_of(model)
+    weight_V_d, _ = heads.lm_head_of(model)
     with torch.no_grad():
-        hidden_B_S_d = heads.final_hidden(model, mb.input_ids_B_S, mb.attention_mask_B_S)
+        hidden_B_S_d = heads.final_hidden(model, mb.input_ids_B_S, mb.attention_mask_B_S, mb.position_ids_B_S)
+        h_N_d = completion_hidden(hidden_B_S_d, mb)
+    # sequence b's valid positions are rows [first_B[b], first_B[b + 1]) of h_N_d (row-major over (b, t))
+    first_B = [0, *torch.cumsum(mb.valid_B_T.sum(1), 0).tolist()]
     acc = GradientVariance()
     for start, end in _micro_bounds(mb.num_sequences, micro_batches):
         sub = mb.rows(start, end)
-        h_N_d = completion_hidden(hidden_B_S_d[start:end], sub)
-        loss, _ = head_objective(h_N_d, weight_V_d, bias_V, sub, cfg)
+        h_sub, w_sub, b_sub = _head_inputs(model, h_N_d[first_B[start] : first_B[end]], compute_dtype)
+        loss, _ = head_objective(h_sub, w_sub, b_sub, sub, cfg)
         (g_V_d,) = torch.autograd.grad(loss, [weight_V_d], allow_unused=True)
         acc.add(torch.zeros_like(weight_V_d) if g_V_d is None else g_V_d)
     return acc.metrics()

@@ -10,7 +10,10 @@ The order inside the loop is what makes consumption exactly-once (trainer/checkp
 acked only after the checkpoint listing them is on disk, and weights are pushed only after the checkpoint
 that holds their version, so a restarted trainer never pushes a version twice (trainer/weight_sync.py).
 
-Data parallel: `torchrun --nproc-per-node N opd train ...`; see trainer/dist.py.
+Data parallel: `torchrun --nproc-per-node N opd train ...`; see trainer/dist.py (records, gradients) and
+trainer/parallel.py (the replicate and FSDP2 layouts, mixed precision). Every rank trains, checkpoints
+(each writes its shard, trainer/checkpoint.py) and, under FSDP2, helps gather the weights for a push; only
+rank 0 talks to Redis and the rollout services.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,12 +46,28 @@ from trainer import tasks as task_streams
 from trainer.aliases import TrainerAliases
 from trainer.config import TrainerConfig, load_config
 from trainer.consumer import BatchRead
-from trainer.data import check_record, collate, sequences_of, split_even
+from trainer.data import (
+    MiniBatch,
+    TrainSequence,
+    check_record,
+    collate,
+    micro_batches,
+    sequences_of,
+    split_even,
+)
 from trainer.lr_schedule import warmup_cosine
-from trainer.metrics import MetricsWriter, mean_metrics
-from trainer.objective import compute_objective, lm_head_gradient_variance
+from trainer.metrics import MetricsWriter, mean_metrics, weighted_mean
+from trainer.objective import lm_head_gradient_variance
+from trainer.parallel import (
+    ObjectiveModule,
+    gather_full_state,
+    grad_norm_value,
+    is_sharded,
+    push_dtype_of,
+    wrap_model,
+)
 from trainer.schedule import TaskSchedule
-from trainer.weight_sync import WeightSync
+from trainer.weight_sync import Weights, WeightSync
 
 log = logging.getLogger("trainer")
 
@@ -56,15 +76,13 @@ log = logging.getLogger("trainer")
 
 
 def load_student(cfg: TrainerConfig, device: torch.device) -> tuple[PreTrainedModel, Any]:
-    """The student (any causal LM id or path) in training mode on `device`, and its tokenizer."""
+    """The student (any causal LM id or path) with fp32 master weights, in training mode on `device`, and
+    its tokenizer. The layout over ranks and the compute precision come after (trainer/parallel.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy import
 
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     # transformers' stub for PreTrainedModel.to drops `self` (its decorator), hence the ignore
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype).to(device)  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)  # type: ignore[arg-type]
     model.config.use_cache = False
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     return model, tokenizer
@@ -126,8 +144,33 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _micro_shards(
+    seqs: list[TrainSequence],
+    cfg: TrainerConfig,
+    masked_ids: torch.Tensor | None,
+    aliases: TrainerAliases | None,
+    device: torch.device,
+) -> list[MiniBatch]:
+    """This rank's share of a mini-batch as collated micro-batches of at most max_tokens_per_micro_batch."""
+    groups = micro_batches(
+        seqs, cfg.max_tokens_per_micro_batch, max_seq_len=cfg.max_seq_len, packed=cfg.pack_sequences
+    )
+    return [
+        collate(
+            g,
+            support=cfg.support,
+            top_k=cfg.top_k,
+            max_seq_len=cfg.max_seq_len,
+            masked_ids=masked_ids,
+            aliases=aliases,
+            pack=cfg.pack_sequences,
+        ).to(device)
+        for g in groups
+    ]
+
+
 def train_batch(
-    model: PreTrainedModel,
+    module: ObjectiveModule,
     optimizer: torch.optim.Optimizer,
     records: list[ExperienceRecord],
     cfg: TrainerConfig,
@@ -140,50 +183,68 @@ def train_batch(
 ) -> dict[str, float]:
     """One batch: cfg.steps_per_batch mini-batches, one optimizer step each; returns the batch's metrics.
 
-    Each mini-batch is split into contiguous shards, one per rank; a shard's loss is divided by the
-    mini-batch's global token count and gradients are summed over ranks (trainer/dist.py).
+    Each mini-batch is split into contiguous shards, one per rank, and a rank's shard into micro-batches of
+    at most `max_tokens_per_micro_batch` tokens whose gradients accumulate. Every micro-batch's loss is
+    divided by the mini-batch's global token count, so the accumulated, rank-summed gradient is the
+    full mini-batch's (trainer/dist.py). Under FSDP2 every rank runs the same number of forward/backward
+    passes (each holds collectives): a rank with fewer micro-batches repeats its last one at weight 0.
     """
     seqs = sequences_of(records)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in module.parameters() if p.requires_grad]
+    sharded = is_sharded(module)
     per_step: list[dict[str, float]] = []
     t_collate = t_loss = t_optim = 0.0
     tokens = 0
+    micro_total = 0
     for step_i, (s, e) in enumerate(split_even(len(seqs), cfg.steps_per_batch)):
         tc = time.perf_counter()
         rs, re = split_even(e - s, ctx.world_size)[ctx.rank]
-        shard = collate(
-            seqs[s + rs : s + re],
-            support=cfg.support,
-            top_k=cfg.top_k,
-            max_seq_len=cfg.max_seq_len,
-            masked_ids=masked_ids,
-            aliases=aliases,
-        ).to(ctx.device)
-        local_tokens = shard.num_loss_tokens
-        (global_tokens,) = dist.all_reduce_sum(ctx, [float(local_tokens)])
+        mine = seqs[s + rs : s + re]
+        if not mine:
+            raise RuntimeError(f"rank {ctx.rank} got no sequences of a mini-batch of {e - s}")
+        shards = _micro_shards(mine, cfg, masked_ids, aliases, ctx.device)
+        local_tokens = sum(mb.num_loss_tokens for mb in shards)
+        global_tokens, n_micro = dist.all_reduce_sum(ctx, [float(local_tokens)])[0], len(shards)
+        if sharded:
+            n_micro = int(dist.all_reduce_max(ctx, [float(len(shards))])[0])
         tokens += int(global_tokens)
+        micro_total += n_micro
 
         t0 = time.perf_counter()
         t_collate += t0 - tc
         extra: dict[str, float] = {}
         if with_grad_variance and step_i == 0 and ctx.is_main:
-            extra = lm_head_gradient_variance(model, shard, cfg, cfg.grad_variance_micro)
+            whole = collate(
+                mine,
+                support=cfg.support,
+                top_k=cfg.top_k,
+                max_seq_len=cfg.max_seq_len,
+                masked_ids=masked_ids,
+                aliases=aliases,
+            ).to(ctx.device)
+            extra = lm_head_gradient_variance(module.model, whole, cfg, cfg.grad_variance_micro)
         optimizer.zero_grad(set_to_none=True)
-        loss, metrics = compute_objective(
-            model, shard, cfg, denom_tokens=global_tokens, with_diagnostics=with_diagnostics
-        )
-        loss.backward()
+        parts: list[tuple[dict[str, float], float]] = []
+        for i in range(n_micro):
+            mb = shards[min(i, len(shards) - 1)]
+            loss, m = module(mb, denom_tokens=global_tokens, with_diagnostics=with_diagnostics)
+            if i >= len(shards):
+                loss = loss * 0.0  # a padding pass: runs the collectives, adds nothing
+            else:
+                parts.append((m, float(mb.num_loss_tokens)))
+            loss.backward()
         _sync(ctx.device)
         t1 = time.perf_counter()
-        dist.all_reduce_gradients(ctx, model)
+        if not sharded:
+            dist.all_reduce_gradients(ctx, module)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         optimizer.step()
         _sync(ctx.device)
         t2 = time.perf_counter()
         t_loss, t_optim = t_loss + t1 - t0, t_optim + t2 - t1
 
-        metrics = dist.reduce_metrics(ctx, metrics, float(local_tokens))
-        metrics["grad/norm"] = float(grad_norm)
+        metrics = dist.reduce_metrics(ctx, weighted_mean(parts), float(local_tokens))
+        metrics["grad/norm"] = grad_norm_value(grad_norm)
         metrics.update(extra)
         per_step.append(metrics)
     out = mean_metrics(per_step)
@@ -193,6 +254,7 @@ def train_batch(
             "time/loss": t_loss,
             "time/optim": t_optim,
             "train/tokens": float(tokens),
+            "train/micro_batches": float(micro_total),
             "train/sequences": float(len(seqs)),
             "response/length": sum(len(sq.sample) for sq in seqs) / len(seqs),
         }
@@ -249,7 +311,7 @@ def _commit_line(state: ckpt.TrainState, read: BatchRead, task: str = "") -> dic
 
 def run(cfg: TrainerConfig, stop: StopFlag | None = None) -> ckpt.TrainState:
     """Train until max_batches, an idle timeout, or `stop` is set; returns the final state."""
-    ctx = dist.init_distributed(cfg.device)
+    ctx = dist.init_distributed(cfg.device, always_group=cfg.parallelism == "fsdp")
     try:
         return _run(cfg, ctx, stop or StopFlag())
     finally:
@@ -263,15 +325,18 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
     check_setup(cfg, vocab_size, ctx.world_size)
     masked_ids = masked_ids_of(cfg, tokenizer)
     aliases = TrainerAliases.from_config(cfg.token_aliases, tokenizer, cfg.teacher_tokenizer)
+    dist.broadcast_parameters(ctx, model)  # every rank starts from rank 0's weights, then shards them
+    module = wrap_model(model, cfg, ctx)
     optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad],
+        [p for p in module.parameters() if p.requires_grad],
         lr=cfg.lr,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_eps,
         weight_decay=cfg.weight_decay,
     )
 
-    # Resume: every rank loads the same checkpoint; a fresh start refuses a directory with history in it.
+    # Resume: every rank loads its part of the newest checkpoint (DCP reshards across world sizes); a fresh
+    # start refuses a directory with history in it.
     if not cfg.resume and (
         ckpt.list_checkpoints(cfg.checkpoint_dir) or ckpt.read_commit_log(cfg.checkpoint_dir)
     ):
@@ -279,13 +344,13 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
             f"checkpoint_dir {cfg.checkpoint_dir!r} holds a previous run: pass --resume or use a "
             "new directory"
         )
-    loaded = ckpt.load_latest(cfg.checkpoint_dir, model, optimizer) if cfg.resume else None
+    loaded = ckpt.load_latest(cfg.checkpoint_dir, model, optimizer, rank=ctx.rank) if cfg.resume else None
     state = loaded.state if loaded else ckpt.TrainState()
     state.consumer = cfg.consumer
     if loaded:
         # The commit log is the record of stale drops (trailing ones are committed after the checkpoint).
         state.dropped_stale = sum(len(line["stale_entries"]) for line in loaded.commits)
-    if loaded and loaded.path:
+    if loaded and loaded.path and ctx.is_main:
         log.info(
             "resumed from %s: batch %d, step %d, policy version %d",
             loaded.path,
@@ -293,14 +358,58 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
             state.step,
             state.policy_version,
         )
-    dist.broadcast_parameters(ctx, model)
+    checkpointer = ckpt.Checkpointer(
+        cfg.checkpoint_dir,
+        rank=ctx.rank,
+        keep=cfg.keep_checkpoints,
+        async_save=cfg.checkpoint_async,
+        group=dist.checkpoint_group(),
+        extra={"config": {**to_dict(cfg), "redis_url": redis_keys.redacted(cfg.redis_url)}},
+        committed_batch=state.batch,
+    )
+    saved_batch = state.batch  # the newest checkpoint started (every rank tracks it)
+    push_dtype = push_dtype_of(cfg)
+    pushing = bool(cfg.push_every and cfg.rollout_urls)
+
+    def weights() -> dict[str, torch.Tensor]:
+        """The full weights in the serving dtype; a collective under FSDP (all ranks call it together)."""
+        full = gather_full_state(module, push_dtype, ctx.is_main)
+        return full if full is not None else {}
+
+    # Under FSDP the gather is a collective: gather once on every rank before rank 0 decides what to push.
+    start_weights: Weights = weights
+    gathered: dict[str, torch.Tensor] = {}
+    if pushing and is_sharded(module):
+        gathered = weights()
+        start_weights = lambda: gathered  # noqa: E731
 
     r0: RankZero | None = None
+
+    def between_reads() -> bool:
+        """Called by the reader while it waits for entries: commit a finished checkpoint and ack its
+        entries now, not at the next batch (a quiet stream would otherwise hold them, and the workers
+        blocked on max_backlog would never send the records that end the wait)."""
+        if r0 is not None:
+            task_streams.ack_lines(r0.streams, checkpointer.poll())
+        return stop.stop
+
     if ctx.is_main:
-        r0 = _setup_rank_zero(cfg, model, tokenizer, state, loaded, vocab_size, stop, aliases)
+        r0 = _setup_rank_zero(
+            cfg,
+            start_weights,
+            tokenizer,
+            state,
+            loaded,
+            vocab_size,
+            between_reads,
+            aliases,
+        )
         if cfg.eval_every and state.batch == 0:
             # The "before" point of every curve and report: the student as it starts.
             r0.writer.write(0, 0, _eval(cfg, state, r0, tokenizer))
+    start_weights, gathered = weights, {}  # drop the gathered copy
+    # Rank 0's reconcile may raise the version past a rollout's; every rank must agree on it.
+    state.policy_version = int(dist.all_reduce_max(ctx, [float(state.policy_version)])[0])
 
     pending_commits: list[dict[str, Any]] = []
     progress = Progress(
@@ -327,9 +436,9 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
             if r0 is not None:
                 read = r0.streams[task].reader.next_batch(state.policy_version)
                 while read.flush_stale and not stop.stop:
-                    pending_commits = _commit_stale(
-                        cfg, model, optimizer, state, read, pending_commits, r0, task
-                    )
+                    # the checkpoint in flight first (rank 0's wait needs no other rank's main thread)
+                    task_streams.ack_lines(r0.streams, checkpointer.wait())
+                    _commit_stale(cfg.checkpoint_dir, state, read, r0, task, checkpointer.committed_batch)
                     read = r0.streams[task].reader.next_batch(state.policy_version)
                 if read.complete:
                     # Every read record was decoded from its entry's data, so none is None.
@@ -351,7 +460,7 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
             for group in optimizer.param_groups:
                 group["lr"] = lr
             metrics = train_batch(
-                model,
+                module,
                 optimizer,
                 records,
                 cfg,
@@ -370,20 +479,30 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
             push_due = bool(cfg.push_every) and state.batch % cfg.push_every == 0
             if push_due:
                 state.policy_version += 1
+            if r0 is not None:
+                assert read is not None
+                state.dropped_stale += len(read.stale)
+                state.dead = sum(s.reader.dead_total for s in r0.streams.values())
+                r0.counters.add(task, 1, len(read.stale))
+                pending_commits.append(_commit_line(state, read, task))
+
+            # --- commit (every rank writes its shard; rank 0 commits, then acks what became durable)
+            tc = time.perf_counter()
+            if state.batch % cfg.checkpoint_every == 0:
+                committed = checkpointer.save(model, optimizer, state, pending_commits)
+                pending_commits, saved_batch = [], state.batch
+            else:
+                committed = checkpointer.poll()
+            t_ckpt = time.perf_counter() - tc
+            # --- push: a full gather on every rank under FSDP, then rank 0 sends
+            t_push = 0.0
+            if push_due and r0 is not None and r0.sync is not None:
+                t_push = r0.sync.push(weights, state.policy_version)
+            elif push_due and pushing and is_sharded(module):
+                weights()  # take part in rank 0's gather
             if r0 is None:
                 continue
-
-            # --- commit: checkpoint (commit point), then ack + delete, then push
-            assert read is not None
-            state.dropped_stale += len(read.stale)
-            state.dead = sum(s.reader.dead_total for s in r0.streams.values())
-            r0.counters.add(task, 1, len(read.stale))
-            pending_commits.append(_commit_line(state, read, task))
-            t_ckpt = 0.0
-            if state.batch % cfg.checkpoint_every == 0:
-                t_ckpt = _checkpoint(cfg, model, optimizer, state, pending_commits, r0)
-                pending_commits = []
-            t_push = r0.sync.push(model, state.policy_version) if push_due and r0.sync else 0.0
+            task_streams.ack_lines(r0.streams, committed)
             metrics.update(_eval(cfg, state, r0, tokenizer))
 
             wall = time.perf_counter() - t0
@@ -420,11 +539,17 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
                 state.dropped_stale,
             )
 
+    # --- finish: checkpoint what is left (every rank), commit it, then the trailing stale drops
+    committed = checkpointer.wait()
+    if state.batch > saved_batch:
+        committed += checkpointer.save(model, optimizer, state, pending_commits)
+        committed += checkpointer.wait()
     if r0 is not None:
-        if pending_commits:
-            _checkpoint(cfg, model, optimizer, state, pending_commits, r0)
-        if trailing_stale is not None and trailing_stale.stale:
-            _commit_stale(cfg, model, optimizer, state, trailing_stale, [], r0, trailing_task)
+        task_streams.ack_lines(r0.streams, committed)
+        if trailing_stale is not None and trailing_stale.stale:  # after every checkpoint is committed
+            _commit_stale(
+                cfg.checkpoint_dir, state, trailing_stale, r0, trailing_task, checkpointer.committed_batch
+            )
         r0.writer.close()
         if r0.sync:
             r0.sync.close()
@@ -436,12 +561,12 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
 
 def _setup_rank_zero(
     cfg: TrainerConfig,
-    model: PreTrainedModel,
+    weights: Weights,
     tokenizer: Any,
     state: ckpt.TrainState,
     loaded: ckpt.Loaded | None,
     vocab_size: int,
-    stop: StopFlag,
+    should_stop: Callable[[], bool],
     aliases: TrainerAliases | None = None,
 ) -> RankZero:
     client = redis_keys.connect(cfg.redis_url)
@@ -458,7 +583,7 @@ def _setup_rank_zero(
         )
 
     # One stream per task; each recovers the entries this consumer read there before a restart.
-    streams = task_streams.open_streams(client, cfg, check, loaded, lambda: stop.stop)
+    streams = task_streams.open_streams(client, cfg, check, loaded, should_stop)
 
     sync = None
     if cfg.push_every:
@@ -472,7 +597,7 @@ def _setup_rank_zero(
             timeout_s=cfg.push_timeout_s,
             tls_ca_file=cfg.rollout_tls_ca_file or None,
         )
-        state.policy_version = sync.reconcile(model, state.policy_version)
+        state.policy_version = sync.reconcile(weights, state.policy_version)
 
     r0 = RankZero(
         streams=streams,
@@ -497,50 +622,18 @@ def _setup_rank_zero(
 
 
 def _commit_stale(
-    cfg: TrainerConfig,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    state: ckpt.TrainState,
-    read: BatchRead,
-    pending_commits: list[dict[str, Any]],
-    r0: RankZero,
-    task: str = "",
-) -> list[dict[str, Any]]:
-    """Commit the stale drops of an incomplete read, then ack them; returns the commits still pending.
+    ckpt_dir: str, state: ckpt.TrainState, read: BatchRead, r0: RankZero, task: str, committed_batch: int
+) -> None:
+    """Commit the stale drops of an incomplete read durably, then ack them.
 
-    Stale drops change no weights: their line needs durability, not a new checkpoint, provided its batch is
-    the last checkpointed one (a crash keeps only lines up to that batch), so uncheckpointed batches are
-    checkpointed first."""
-    if pending_commits:
-        _checkpoint(cfg, model, optimizer, state, pending_commits, r0)
+    Stale drops change no weights, so their line needs durability, not a checkpoint: it carries the batch
+    of the newest committed checkpoint (not the current batch, which may not be checkpointed yet), so a
+    restart from that checkpoint keeps the line (trainer/checkpoint.py) and never re-reads the entries."""
     state.dropped_stale += len(read.stale)
     r0.counters.add(task, 0, len(read.stale))
-    line = _commit_line(state, BatchRead(stale=read.stale), task)
-    ckpt.append_commits(cfg.checkpoint_dir, [line])
+    line = {**_commit_line(state, BatchRead(stale=read.stale), task), "batch": committed_batch}
+    ckpt.append_commits(ckpt_dir, [line])
     task_streams.ack_lines(r0.streams, [line])
-    return []
-
-
-def _checkpoint(
-    cfg: TrainerConfig,
-    model: PreTrainedModel,
-    optimizer: torch.optim.Optimizer,
-    state: ckpt.TrainState,
-    lines: list[dict[str, Any]],
-    r0: RankZero,
-) -> float:
-    t0 = time.perf_counter()
-    ckpt.save_checkpoint(
-        cfg.checkpoint_dir,
-        model,
-        optimizer,
-        state,
-        lines,
-        keep=cfg.keep_checkpoints,
-        extra={"config": {**to_dict(cfg), "redis_url": redis_keys.redacted(cfg.redis_url)}},
-    )
-    task_streams.ack_lines(r0.streams, lines)
-    return time.perf_counter() - t0
 
 
 def _eval(cfg: TrainerConfig, state: ckpt.TrainState, r0: RankZero, tokenizer: Any) -> dict[str, float]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import redis
-from torch import nn
+from torch import Tensor
 
 from services.common import redis_keys
 from services.common.policy_files import SHARED_PREFIX, shared_path
@@ -34,6 +34,8 @@ from services.rollout.client import RolloutClient, RolloutError, state_dict_to_s
 from services.rollout.protocol import WeightInfo
 
 log = logging.getLogger(__name__)
+
+Weights = Callable[[], Mapping[str, Tensor]]  # the full state dict to push, built on demand
 
 
 class WeightSync:
@@ -88,15 +90,16 @@ class WeightSync:
             old.unlink(missing_ok=True)
         return str(final.resolve())
 
-    def push(self, model: nn.Module, version: int, only: list[int] | None = None) -> float:
+    def push(self, weights: Weights, version: int, only: list[int] | None = None) -> float:
         """Send the weights as `version` to the servers (all, or indices `only`), then SET the version key.
 
-        Returns the seconds spent.
+        `weights` gives the full state dict in the serving dtype (trainer/parallel.py gathers it); it is
+        called only when there is a server to send to. Returns the seconds spent.
         """
         t0 = time.perf_counter()
         indices = list(range(len(self.clients)) if only is None else only)
         if indices:
-            body = state_dict_to_safetensors(model.state_dict())
+            body = state_dict_to_safetensors(weights())
             path = self._write_shared(body, version) if self.mode == "shared" else None
 
             def send(c: RolloutClient) -> WeightInfo:
@@ -136,7 +139,7 @@ class WeightSync:
             time.sleep(delay)
             delay = min(2 * delay, 5.0)
 
-    def reconcile(self, model: nn.Module, version: int) -> int:
+    def reconcile(self, weights: Weights, version: int) -> int:
         """Bring the servers to the trainer's weights at start; returns the trainer's (possibly raised) version."""
         served = self.versions()
         if served and max(served) > version:
@@ -148,12 +151,12 @@ class WeightSync:
                 version,
                 new,
             )
-            self.push(model, new)
+            self.push(weights, new)
             return new
         behind = [i for i, v in enumerate(served) if v < version]
         if behind:
             log.info("rollouts %s are behind version %d: pushing it", behind, version)
-            self.push(model, version, only=behind)
+            self.push(weights, version, only=behind)
         else:
             redis_keys.call_with_backoff(
                 lambda: self.redis.set(self.key, version), timeout_s=self.down_timeout_s

@@ -1,6 +1,7 @@
 """Where the trainer's weights live on disk, read by the trainer and by a (re)starting rollout service.
 
-    <checkpoint_dir>/ckpt-<batch:08d>/model.safetensors   + state.json {"state": {"policy_version": N, ...}}
+    <checkpoint_dir>/ckpt-<batch:08d>/dcp/     torch.distributed.checkpoint {"model": ..., "optim": ...}
+                                   state.json   {"state": {"policy_version": N, ...}}
     <shared_dir>/policy-<version:08d>.safetensors         a push in `push_mode = "shared"`
 
 A checkpoint directory is complete once it has its final name (written under a temporary name, then
@@ -11,11 +12,16 @@ the trainer's newest committed version (`opd rollout serve --resume-from DIR`).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 CKPT_PREFIX = "ckpt-"
 SHARED_PREFIX = "policy-"
-MODEL_FILE = "model.safetensors"
+DCP_DIR = "dcp"
 STATE_FILE = "state.json"
 
 
@@ -36,7 +42,7 @@ def list_checkpoints(ckpt_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint_policy(ckpt_dir: str | Path) -> tuple[Path, int] | None:
-    """(model.safetensors, policy_version) of the newest committed checkpoint, or None when there is none.
+    """(its DCP directory, policy_version) of the newest committed checkpoint, or None when there is none.
 
     Weights are pushed only after the checkpoint holding their version is committed, so this is never older
     than the last push when checkpoint_every divides push_every, and the trainer's next push brings a
@@ -46,7 +52,7 @@ def latest_checkpoint_policy(ckpt_dir: str | Path) -> tuple[Path, int] | None:
     if not ckpts:
         return None
     state = json.loads((ckpts[-1] / STATE_FILE).read_text())["state"]
-    return ckpts[-1] / MODEL_FILE, int(state["policy_version"])
+    return ckpts[-1] / DCP_DIR, int(state["policy_version"])
 
 
 def latest_shared(shared_dir: str | Path) -> tuple[Path, int] | None:
@@ -63,3 +69,39 @@ def latest_policy(directory: str | Path) -> tuple[Path, int] | None:
     shared-mode push (`policy-<N>.safetensors`), whichever holds the higher version."""
     found = [f for f in (latest_checkpoint_policy(directory), latest_shared(directory)) if f is not None]
     return max(found, key=lambda f: f[1]) if found else None
+
+
+def is_dcp_checkpoint(path: str | Path) -> bool:
+    """A torch.distributed.checkpoint directory (the trainer's checkpoints), not safetensors."""
+    return (Path(path) / ".metadata").is_file()
+
+
+def read_dcp_model(
+    path: str | Path, dtypes: Mapping[str, torch.dtype] | None = None
+) -> dict[str, torch.Tensor]:
+    """The model's full tensors (Hugging Face names) from a trainer checkpoint's DCP directory, resharded
+    from however many ranks wrote it, on the CPU; floating tensors cast to `dtypes[name]` when given (the
+    serving dtype: the checkpoint holds fp32 master weights). Needs no process group.
+
+    DCP's metadata file is read with pickle: call this only on checkpoints the trainer wrote to storage it
+    controls (the rollout service's `--resume-from`), never on uploaded data.
+    """
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata()
+    prefix = "model."
+    model_sd = {
+        key[len(prefix) :]: torch.empty(md.size, dtype=md.properties.dtype)
+        for key, md in meta.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(md, TensorStorageMetadata)
+    }
+    dcp.load({"model": model_sd}, storage_reader=reader, no_dist=True)
+    if dtypes:
+        for name, t in model_sd.items():
+            want = dtypes.get(name)
+            if want is not None and t.is_floating_point():
+                model_sd[name] = t.to(want)
+    return model_sd

@@ -11,13 +11,15 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from services.common.policy_files import latest_policy
+from services.common.policy_files import is_dcp_checkpoint, latest_policy, read_dcp_model
 from services.rollout.api import router
 from services.rollout.body_limit import BodyLimit, route_limit
+from services.rollout.client import state_dict_to_safetensors
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import (
     EngineUnavailable,
@@ -41,6 +43,18 @@ async def create_engine(cfg: RolloutConfig) -> RolloutEngine:
     return await HFEngine.create(cfg)
 
 
+def _checkpoint_body(engine: RolloutEngine, path: Path) -> bytes:
+    """safetensors bytes of a trainer checkpoint's model (DCP, fp32 master weights) in the served dtypes."""
+    try:
+        schema = engine.schema
+        dtypes = {name: dtype for name, (_, dtype) in schema.specs.items()}
+        dtypes.update({alias: schema.specs[target][1] for alias, target in schema.aliases.items()})
+        tensors = read_dcp_model(path, dtypes)
+    except Exception as e:  # rotated out mid-read, or not a complete checkpoint
+        raise WeightsError(f"unreadable trainer checkpoint {str(path)!r}: {e}") from e
+    return state_dict_to_safetensors(tensors)
+
+
 async def _resume(engine: RolloutEngine, directory: str) -> None:
     """Install the trainer's newest weights before the engine is published (until then every request gets
     503 and clients retry), so a restarted service never samples from the initial, stale weights."""
@@ -53,7 +67,10 @@ async def _resume(engine: RolloutEngine, directory: str) -> None:
         if version <= engine.version:
             break
         try:
-            await engine.load_weights(str(path), version)
+            if is_dcp_checkpoint(path):
+                await engine.put_weights(await asyncio.to_thread(_checkpoint_body, engine, path), version)
+            else:
+                await engine.load_weights(str(path), version)
             break
         except WeightsError:
             # The trainer keeps only its newest files: this one may have been rotated out mid-read.

@@ -13,10 +13,11 @@ import time
 
 import httpx
 import pytest
-import safetensors.torch
 from transformers import AutoModelForCausalLM
 
+from experiments.diagnostics import load_full_state
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
+from services.common.policy_files import DCP_DIR, read_dcp_model
 from services.common.redis_keys import connect, policy_version_key
 from services.common.redis_server import EmbeddedRedis, free_port
 from services.rollout.client import RolloutClient
@@ -44,8 +45,7 @@ G, K, RUN = 2, 4, "rolloutfault"
 def _sha_of_checkpoint(student, ckpt_dir, version: int) -> str:
     """sha256 of the weights the trainer checkpointed at `version` (push_every=1: batch == version)."""
     model = AutoModelForCausalLM.from_pretrained(student)
-    path = ckpt.checkpoint_path(ckpt_dir, version) / "model.safetensors"
-    safetensors.torch.load_model(model, str(path), strict=True)
+    load_full_state(model, read_dcp_model(ckpt.checkpoint_path(ckpt_dir, version) / DCP_DIR))
     sd = model.state_dict()
     return state_sha256(sd, sd.keys())
 

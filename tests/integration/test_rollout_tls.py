@@ -73,7 +73,7 @@ def test_trainer_weight_push_over_https(https_url, tls_files, model_path):
         sync = WeightSync(client, "tls", [https_url], token=TOKEN, tls_ca_file=tls_files.ca_file)
         try:
             version = max(sync.versions()) + 1
-            sync.push(model, version)
+            sync.push(model.state_dict, version)
             assert sync.versions() == [version]
             assert int(client.get(policy_version_key("tls"))) == version
         finally:

@@ -1,5 +1,7 @@
 """Data parallel: `torchrun --nproc-per-node 2 opd train` (gloo, CPU) against a real redis-server gives the
-same batches and the same final parameters as a single process on the same stream."""
+same batches and the same parameters as a single process on the same stream, in both layouts (replicate,
+FSDP2 with token-budget micro-batches and background sharded checkpoints), and the 2-rank checkpoint
+resumes into 1 rank and finishes where the single process does."""
 
 from __future__ import annotations
 
@@ -27,7 +29,17 @@ ROOT = Path(__file__).resolve().parents[2]
 TOK = build_char_tokenizer()
 
 
-def test_two_process_data_parallel_equals_single_process(tmp_path):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        pytest.param({"parallelism": "replicate"}, id="replicate"),
+        # 48-token micro-batches: the ranks get different micro-batch counts (padding passes under FSDP2)
+        pytest.param(
+            {"parallelism": "fsdp", "max_tokens_per_micro_batch": 48, "checkpoint_async": True}, id="fsdp"
+        ),
+    ],
+)
+def test_two_process_data_parallel_equals_single_process(tmp_path, layout):
     student_dir = make_tiny_llama(tmp_path / "student", seed=0, tokenizer=TOK)
     teacher_dir = make_tiny_llama(tmp_path / "teacher", seed=1, tokenizer=TOK)
     student = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -36,7 +48,7 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
     records = synthetic_records(
         student,
         teacher,
-        n_records=8,
+        n_records=12,
         group_size=2,
         top_k=4,
         behaviour_top_k=4,
@@ -67,10 +79,10 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
         write_records(client, "single", records)
         single = TrainerConfig(**common, run="single", checkpoint_dir=str(tmp_path / "single"))
         state = run(single)
-        assert (state.batch, state.step) == (2, 4)
+        assert (state.batch, state.step) == (3, 6)
 
         write_records(client, "dp", records)
-        args = {**common, "run": "dp", "checkpoint_dir": str(tmp_path / "dp")}
+        args = {**common, **layout, "run": "dp", "checkpoint_dir": str(tmp_path / "dp"), "max_batches": 2}
         # the config travels in OPD_TRAINER_* variables: torchrun's own parser would take flags like --run
         env = dict(
             os.environ,
@@ -102,11 +114,21 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
         ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        two_rank_lines = ckpt.read_commit_log(args["checkpoint_dir"])
+        two_rank_metrics = read_metrics(Path(args["checkpoint_dir"]) / "logs")
 
+        # the third batch on one rank, resumed from the 2-rank checkpoint (DCP reshards its shards)
+        state = run(TrainerConfig(**{**args, "max_batches": 3, "resume": True}))
+        assert (state.batch, state.step, state.policy_version) == (3, 6, 3)
+
+    assert [(ln["batch"], ln["step"], ln["policy_version"]) for ln in two_rank_lines] == [
+        (1, 2, 1),
+        (2, 4, 2),
+    ]
     lines_1 = ckpt.read_commit_log(single.checkpoint_dir)
     lines_2 = ckpt.read_commit_log(args["checkpoint_dir"])
     assert [ln["records"] for ln in lines_1] == [ln["records"] for ln in lines_2]
-    assert [(ln["batch"], ln["step"], ln["policy_version"]) for ln in lines_2] == [(1, 2, 1), (2, 4, 2)]
+    assert [ln["batch"] for ln in lines_2] == [1, 2, 3]
 
     m1 = AutoModelForCausalLM.from_pretrained(student_dir)
     m2 = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -122,6 +144,6 @@ def test_two_process_data_parallel_equals_single_process(tmp_path):
         assert update > 0 and (a - b).norm() / update < 1e-4, name
 
     # metrics reduced over ranks are the single process's (token-weighted means over the whole mini-batch)
-    met_1, met_2 = read_metrics(single.metrics_dir), read_metrics(Path(args["checkpoint_dir"]) / "logs")
+    met_1, met_2 = read_metrics(single.metrics_dir)[:2], two_rank_metrics
     for key in ("loss/lsm", "grad/norm", "student/entropy", "support/student_mass", "train/tokens"):
         assert [m[key] for m in met_2] == pytest.approx([m[key] for m in met_1], rel=1e-4), key

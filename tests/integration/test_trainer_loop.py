@@ -121,8 +121,10 @@ def test_batches_steps_stale_dead_and_acks(env):
     assert int(client.get(redis_keys.policy_version_key(run_name))) == 3
 
     # one optimizer step per mini-batch: AdamW's own step counter agrees
-    opt_state = torch.load(ckpt.list_checkpoints(cfg.checkpoint_dir)[-1] / "optimizer.pt", weights_only=True)
-    assert {int(s["step"]) for s in opt_state["state"].values()} == {6}
+    restored = AutoModelForCausalLM.from_pretrained(cfg.model)
+    opt = torch.optim.AdamW(restored.parameters())
+    ckpt.load_latest(cfg.checkpoint_dir, restored, opt, restore_rng=False)
+    assert {int(s["step"]) for s in opt.state.values()} == {6}
 
     metrics = read_metrics(cfg.metrics_dir)
     assert [m["batch"] for m in metrics] == [1, 2, 3]

@@ -10,6 +10,7 @@ from experiments.tiny_models import tiny_llama_config
 from trainer.heads import (
     _ChunkedLogSumExp,
     _SupportLogits,
+    _TokenLogProbs,
     chunked_entropy,
     chunked_logsumexp,
     final_hidden,
@@ -138,6 +139,13 @@ def test_gradcheck_logsumexp():
     assert torch.autograd.gradcheck(lambda h, w: _ChunkedLogSumExp.apply(h, w, None, 4), (h, w))
 
 
+def test_gradcheck_token_logprobs():
+    h, w, b, _ = _inputs(5, 7, 3, 1, seed=13, bias=True)
+    y = torch.tensor([0, 6, 3, 3, 1])  # a repeated id
+    assert torch.autograd.gradcheck(lambda h, w, b: _TokenLogProbs.apply(h, w, y, b, 2), (h, w, b))
+    assert torch.autograd.gradcheck(lambda h, w: _TokenLogProbs.apply(h, w, y, None, 4), (h, w))
+
+
 def test_renormalised_support_softmax_matches_restricted_softmax():
     """LSM's pi^: softmax over support logits == full softmax restricted to the support, renormalised."""
     N, V, d, K = 12, 40, 8, 6
@@ -192,6 +200,10 @@ def test_bad_inputs_raise_clear_errors():
         chunked_logsumexp(h, w, chunk_size=0)
     with pytest.raises(ValueError, match="dtype"):
         token_logprobs(h.double(), w, torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="token_ids must be"):
+        token_logprobs(h, w, torch.zeros(4, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"token_ids must lie in \[0, 10\)"):
+        token_logprobs(h, w, torch.tensor([0, 1, 2, 10]))
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -231,3 +243,88 @@ def test_final_hidden_and_lm_head_reproduce_model_logits_and_grads(tied):
     g_naive = torch.autograd.grad(loss_naive(), params)
     for (name, _), a, b in zip(model.named_parameters(), g_heads, g_naive, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=name)
+
+
+# bf16 weight gradients: N = 2048 positions in chunks of 8 is 256 chunks summed into grad W.
+BF16_N, BF16_D, BF16_V, BF16_K, BF16_CHUNK = 2048, 64, 512, 8, 8
+
+
+def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((got.double() - ref).norm() / ref.norm()).item()
+
+
+def _bf16_head(same_sign: bool):
+    """bf16 hidden states with a common direction (mean 1, as real final hidden states have), a small-scale
+    head, support ids, and upstream gradients (all positive when `same_sign`)."""
+    g = torch.Generator().manual_seed(17 + same_sign)
+    h = (torch.randn(BF16_N, BF16_D, generator=g) + 1).bfloat16()
+    w = (0.1 * torch.randn(BF16_V, BF16_D, generator=g)).bfloat16()
+    ids = torch.randint(0, BF16_V, (BF16_N, BF16_K), generator=g)
+    u_sup = torch.randn(BF16_N, BF16_K, generator=g).bfloat16()  # bf16: support logits come out in bf16
+    u_tok = torch.randn(BF16_N, generator=g)
+    if same_sign:
+        u_sup, u_tok = u_sup.abs(), u_tok.abs()
+    return h, w, ids, u_sup, u_tok
+
+
+def _weight_grad(loss_of_w, w):
+    w = w.detach().clone().requires_grad_()
+    (g,) = torch.autograd.grad(loss_of_w(w), w)
+    return g
+
+
+@pytest.mark.parametrize("same_sign", [False, True], ids=["mixed_sign", "same_sign"])
+@pytest.mark.parametrize("head", ["support_logits", "token_logprobs"])
+def test_bf16_weight_grad_is_as_accurate_as_one_full_logit_matmul(head, same_sign):
+    """grad W through the chunked heads, bf16 in and out, against float64 from the definition (the same
+    bf16 values, full logits, autograd): over 256 chunks it must be no less accurate than the plain bf16
+    full-logit path (one bf16 matmul, accumulated in fp32 inside the kernel and rounded once)."""
+    h, w, ids, u_sup, u_tok = _bf16_head(same_sign)
+    y = ids[:, 0]
+    if head == "support_logits":
+
+        def heads_loss(w_):
+            return (support_logits(h, w_, ids, chunk_size=BF16_CHUNK) * u_sup).sum()
+
+        def full_loss(w_):  # in the dtype of w_: bf16 for the plain path, float64 for the reference
+            return ((h.to(w_.dtype) @ w_.T).gather(1, ids) * u_sup.to(w_.dtype)).sum()
+
+    else:
+
+        def heads_loss(w_):
+            return (token_logprobs(h, w_, y, chunk_size=BF16_CHUNK) * u_tok).sum()
+
+        def full_loss(w_):  # bf16 logits, log_softmax in fp32 (plain) or float64 throughout (reference)
+            z = (h.to(w_.dtype) @ w_.T).to(torch.promote_types(w_.dtype, torch.float32))
+            return (torch.log_softmax(z, -1).gather(1, y[:, None])[:, 0] * u_tok.to(z.dtype)).sum()
+
+    ref = _weight_grad(full_loss, w.double())
+    got = _weight_grad(heads_loss, w)
+    plain = _weight_grad(full_loss, w)
+    assert got.dtype == torch.bfloat16
+    err, err_plain = _rel_err(got, ref), _rel_err(plain, ref)
+    assert err <= 1.5 * err_plain, (err, err_plain)
+    assert err < 1e-2
+
+
+def test_bf16_chunk_by_chunk_accumulation_error_grows_with_the_chunk_count():
+    """Why the heads accumulate grad W in fp32: the old backward (addmm_ of each chunk into a bf16 grad W,
+    replayed here for chunked_logsumexp) rounds once per chunk, so its error grows with the chunk count and
+    at 256 chunks fails the bound the test above puts on the heads."""
+    h, w, _, _, u = _bf16_head(same_sign=True)
+    ref = _weight_grad(lambda w_: (torch.logsumexp(h.double() @ w_.T, -1) * u.double()).sum(), w.double())
+    plain = _weight_grad(lambda w_: (torch.logsumexp((h @ w_.T).float(), -1) * u).sum(), w)
+    lse = torch.logsumexp((h @ w.T).float(), -1)
+
+    def old_grad(chunk: int) -> torch.Tensor:
+        acc = torch.zeros_like(w)
+        for s in range(0, BF16_N, chunk):
+            p = ((h[s : s + chunk] @ w.T).float() - lse[s : s + chunk, None]).exp() * u[s : s + chunk, None]
+            acc.addmm_(p.bfloat16().T, h[s : s + chunk])
+        return acc
+
+    err_4, err_256 = _rel_err(old_grad(BF16_N // 4), ref), _rel_err(old_grad(BF16_CHUNK), ref)
+    assert err_256 > 3 * err_4
+    assert err_256 > 1.5 * _rel_err(plain, ref)
+    new = _weight_grad(lambda w_: (chunked_logsumexp(h, w_, chunk_size=BF16_CHUNK) * u).sum(), w)
+    assert _rel_err(new, ref) <= 1.5 * _rel_err(plain, ref)

@@ -113,3 +113,29 @@ def test_keeps_the_newest_and_refuses_to_overwrite(tmp_path):
     assert [c["batch"] for c in ckpt.read_commit_log(tmp_path)] == [1, 2, 3]
     with pytest.raises(FileExistsError):
         ckpt.save_checkpoint(tmp_path, m, opt, ckpt.TrainState(batch=3), [])
+
+
+def test_async_save_commits_only_when_written_and_snapshots_the_state(tmp_path):
+    """A background checkpoint: its lines reach the log (and the caller, to ack) only once it is renamed,
+    and it holds the weights of the moment it started even though training mutates them meanwhile."""
+    m, opt = _trained(0)
+    want = {k: v.clone() for k, v in m.state_dict().items()}
+    saver = ckpt.Checkpointer(tmp_path, async_save=True)
+    assert saver.save(m, opt, ckpt.TrainState(batch=1), [_line(1, ["1-0"])]) == []  # nothing committed yet
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)  # the next step, while the write runs
+    committed = saver.wait()
+    assert [c["batch"] for c in committed] == [1] and saver.committed_batch == 1
+    assert [c["batch"] for c in ckpt.read_commit_log(tmp_path)] == [1]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["ckpt-00000001"]
+    m2, opt2 = _trained(1)
+    ckpt.load_latest(tmp_path, m2, opt2)
+    for k, v in m2.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    # a second save waits for nothing (the first is done) and poll finishes it once written
+    saver.save(m, opt, ckpt.TrainState(batch=2), [_line(2, ["2-0"])])
+    while saver.busy:
+        committed = saver.poll()
+    assert [c["batch"] for c in committed] == [2]
+    assert [c["batch"] for c in ckpt.read_commit_log(tmp_path)] == [1, 2]

@@ -3,8 +3,10 @@ forward, log_softmax, gather -> trainer.losses (values and gradients), for every
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from transformers import LlamaForCausalLM
@@ -234,3 +236,26 @@ def test_lm_head_gradient_variance_matches_naive(models, records):
     assert m["grad/variance"] == pytest.approx(ref, rel=1e-5)
     assert m["grad/variance_rel"] == pytest.approx(ref / G.mean(0).square().sum().item(), rel=1e-5)
     assert student.get_output_embeddings().weight.grad is None  # only autograd.grad, no accumulation
+
+
+@pytest.mark.parametrize("objective", ["lsm", "sampled_token"])
+def test_bf16_compute_dtype_keeps_fp32_master_weights(models, records, objective):
+    """compute_dtype=bf16 on an fp32 model: the LM head runs in bf16 (the loss stays close to the fp32 one)
+    and the gradient reaches the fp32 weights through the cast, in fp32 and close to the fp32 gradient."""
+    student = copy.deepcopy(models[0]).float()
+    cfg = _cfg(objective=objective)
+    mb = _batch(records, cfg)
+    ref, _ = compute_objective(student, mb, cfg)
+    g_ref = _grads(student, ref)
+    loss, metrics = compute_objective(student, mb, cfg, with_diagnostics=True, compute_dtype=torch.bfloat16)
+    g = _grads(student, loss)
+    assert loss.dtype == torch.float32 and all(np.isfinite(v) for v in metrics.values())
+    assert loss.item() == pytest.approx(ref.item(), rel=5e-3, abs=1e-4)
+    assert g.keys() == g_ref.keys()
+    for name, p in student.named_parameters():
+        assert p.dtype == g[name].dtype == torch.float32, name
+        rel_err = ((g[name] - g_ref[name]).norm() / g_ref[name].norm()).item()
+        assert rel_err < 2e-2, (name, rel_err)
+    head = student.get_output_embeddings().weight
+    assert not torch.equal(g["lm_head.weight"], g_ref["lm_head.weight"])  # it did run in bf16
+    assert head.grad is not None and head.grad.dtype == torch.float32
