@@ -1,14 +1,18 @@
 """`opd train`: the trainer driver, top to bottom.
 
-    setup      config, process group, student + tokenizer, optimizer, resume from the newest checkpoint
+    setup      config, process group, student (fp32 masters) + tokenizer, layout (trainer/parallel.py),
+               optimizer, resume from the newest checkpoint (any world size)
     recover    (rank 0) this consumer's pending entries: ack those the commit log holds, retrain the rest
-    loop       read a batch -> broadcast it -> mini-batch steps -> version++ if a push is due
-               -> checkpoint (commit log, then rename) -> XACK+XDEL -> push weights -> eval -> metrics
-    finish     checkpoint what is left, commit trailing stale drops, close
+    loop       read a batch -> broadcast it -> mini-batch steps (micro-batches) -> version++ if a push is due
+               -> checkpoint (started: every rank writes its shard in the background) -> push weights
+               -> XACK+XDEL of what a finished checkpoint committed -> eval -> metrics
+    finish     finish the checkpoint in flight, checkpoint what is left, commit trailing stale drops, close
 
-The order inside the loop is what makes consumption exactly-once (trainer/checkpoint.py): entries are
-acked only after the checkpoint listing them is on disk, and weights are pushed only after the checkpoint
-that holds their version, so a restarted trainer never pushes a version twice (trainer/weight_sync.py).
+The order is what makes consumption exactly-once (trainer/checkpoint.py): entries are acked only after the
+checkpoint listing them is renamed into place, which rank 0 does once every rank's shard is written (polled
+between reads too, so a quiet stream does not hold acks). Pushes do not wait for the checkpoint: a trainer
+restarted from an older checkpoint than the rollouts serve raises its version past theirs
+(trainer/weight_sync.py), so a version number never names two sets of weights.
 
 Data parallel: `torchrun --nproc-per-node N opd train ...`; see trainer/dist.py (records, gradients) and
 trainer/parallel.py (the replicate and FSDP2 layouts, mixed precision). Every rank trains, checkpoints

@@ -134,7 +134,10 @@ def trainer_proc(student, redis_url: str, rollout_url: str, ckpt_dir, log_path, 
         diagnostics_every=0,
     )
     flags.update(overrides)
-    args = ["train", "--no-tensorboard", "--no-progress"]
+    # Synchronous checkpoints: each version is committed before it is pushed, so a restarted rollout resumes
+    # at the last pushed version (with background checkpoints it can resume one checkpoint behind and catch
+    # up at the next push; docs/reliability.md).
+    args = ["train", "--no-tensorboard", "--no-progress", "--no-checkpoint-async"]
     for k, v in flags.items():
         args += ["--" + k.replace("_", "-"), str(v)]
     return Proc(args, log_path)

@@ -14,10 +14,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from experiments.diagnostics import load_full_state
 from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
+from services.common.config import WEIGHTS_TOKEN_ENV
+from services.common.policy_files import DCP_DIR, read_dcp_model
 from services.common.redis_server import EmbeddedRedis, free_port
+from services.rollout.app import build_app
+from services.rollout.client import RolloutClient
+from services.rollout.config import RolloutConfig
+from services.rollout.engine import state_sha256
+from services.rollout.server import running_server
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
 from trainer.metrics import read_metrics
@@ -27,6 +35,14 @@ pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = build_char_tokenizer()
+TOKEN = "dp-token"
+
+
+def _sha_of_checkpoint(student_dir: Path, ckpt_dir: str, batch: int) -> str:
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    load_full_state(model, read_dcp_model(ckpt.checkpoint_path(Path(ckpt_dir), batch) / DCP_DIR))
+    sd = model.state_dict()
+    return state_sha256(sd, sd.keys())
 
 
 @pytest.mark.parametrize(
@@ -39,7 +55,7 @@ TOK = build_char_tokenizer()
         ),
     ],
 )
-def test_two_process_data_parallel_equals_single_process(tmp_path, layout):
+def test_two_process_data_parallel_equals_single_process(tmp_path, layout, monkeypatch):
     student_dir = make_tiny_llama(tmp_path / "student", seed=0, tokenizer=TOK)
     teacher_dir = make_tiny_llama(tmp_path / "teacher", seed=1, tokenizer=TOK)
     student = AutoModelForCausalLM.from_pretrained(student_dir)
@@ -57,7 +73,11 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, layout):
         completion_len=(3, 30),
         seed=4,
     )
-    with EmbeddedRedis() as server:
+    monkeypatch.setenv(WEIGHTS_TOKEN_ENV, TOKEN)
+    rollout_cfg = RolloutConfig(model=str(student_dir), backend="hf", device="cpu", port=0, token=TOKEN)
+    with EmbeddedRedis() as server, running_server(build_app(rollout_cfg)) as rollout_url:
+        rollout = RolloutClient(rollout_url)
+        rollout.wait_ready(120)
         client = redis_keys.connect(server.url)
         common = dict(
             model=str(student_dir),
@@ -83,6 +103,8 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, layout):
 
         write_records(client, "dp", records)
         args = {**common, **layout, "run": "dp", "checkpoint_dir": str(tmp_path / "dp"), "max_batches": 2}
+        # the 2-rank run pushes to a real rollout service: under FSDP2 every rank takes part in the gather
+        args["rollout_urls"] = rollout_url  # a list flag/env value: comma-separated
         # the config travels in OPD_TRAINER_* variables: torchrun's own parser would take flags like --run
         env = dict(
             os.environ,
@@ -114,12 +136,24 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, layout):
         ]
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        pushed_2 = rollout.weights()
         two_rank_lines = ckpt.read_commit_log(args["checkpoint_dir"])
         two_rank_metrics = read_metrics(Path(args["checkpoint_dir"]) / "logs")
 
         # the third batch on one rank, resumed from the 2-rank checkpoint (DCP reshards its shards)
-        state = run(TrainerConfig(**{**args, "max_batches": 3, "resume": True}))
+        state = run(
+            TrainerConfig(**{**args, "rollout_urls": [rollout_url], "max_batches": 3, "resume": True})
+        )
         assert (state.batch, state.step, state.policy_version) == (3, 6, 3)
+        pushed_3 = rollout.weights()
+
+    # what the rollout serves is what the trainer checkpointed, at each version
+    assert pushed_2.version == 2 and pushed_2.sha256 == _sha_of_checkpoint(
+        student_dir, args["checkpoint_dir"], 2
+    )
+    assert pushed_3.version == 3 and pushed_3.sha256 == _sha_of_checkpoint(
+        student_dir, args["checkpoint_dir"], 3
+    )
 
     assert [(ln["batch"], ln["step"], ln["policy_version"]) for ln in two_rank_lines] == [
         (1, 2, 1),
