@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/teacher_throughput.py
 	$(PY) bench/rollout.py
 	$(PY) bench/trainer_step.py
+	$(PY) bench/trainer_scale.py
 	$(PY) bench/soak.py
 
 demo: $(STAMP)
