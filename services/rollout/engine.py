@@ -316,6 +316,13 @@ class RolloutEngine(ABC):
         await asyncio.to_thread(self._stage, staged, lambda: parse_safetensors(body))
         return await self._swap(staged)
 
+    async def put_tensors(self, tensors: dict[str, torch.Tensor], version: int) -> WeightInfo:
+        """Install already-received CPU tensors (the full state dict) as `version` (a collective transfer)."""
+        self._check_version(version)
+        staged = StagedWeights({}, "", version)
+        await asyncio.to_thread(self._stage, staged, lambda: tensors)
+        return await self._swap(staged)
+
     async def load_weights(self, path: str, version: int, root: str | None = None) -> WeightInfo:
         """Install the safetensors checkpoint at `path` (a file or a directory of them) as `version`."""
         self._check_version(version)

@@ -71,7 +71,9 @@ def test_a_bf16_adamw_step_at_the_papers_lr_moves_no_norm_weight_and_fp32_master
     opt = torch.optim.AdamW(pure.parameters(), lr=lr)
     loss, _ = compute_objective(pure, mb, _cfg())
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in pure.named_parameters() if "norm" in n)
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in pure.named_parameters() if "norm" in n
+    )
     opt.step()
     after = _norm_weights(pure)
     assert all(torch.equal(before[n], after[n]) for n in before)  # not one norm weight moved
