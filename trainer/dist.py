@@ -94,6 +94,15 @@ def broadcast_parameters(ctx: DistContext, model: nn.Module) -> None:
         t.data.copy_(buf)
 
 
+def broadcast_flag(ctx: DistContext, flag: bool) -> bool:
+    """Rank 0's flag on every rank."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=ctx.comm_device)
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
 def broadcast_blobs(ctx: DistContext, blobs: list[bytes] | None) -> list[bytes] | None:
     """Rank 0's list of byte strings (or None, meaning "stop") on every rank; raw bytes, no pickling."""
     if not ctx.enabled:

@@ -185,13 +185,21 @@ def iter_full_state(
             yield name, out.to(dtype) if out.is_floating_point() else out
 
 
-def gather_full_state(module: ObjectiveModule, dtype: torch.dtype, is_main: bool) -> dict[str, Tensor] | None:
-    """The student's full state dict in `dtype` on the main rank (None elsewhere); see iter_full_state.
+class ModuleWeights:
+    """trainer.weight_sync.Weights of the student: specs from the (sharded) state dict's metadata, tensors
+    gathered one at a time in the serving dtype (every rank must iterate `tensors` under FSDP)."""
 
-    Tied weights (embeddings = LM head) appear under both names, as in the model's own state_dict.
-    """
-    out = dict(iter_full_state(module, dtype, is_main))
-    return out if is_main else None
+    def __init__(self, module: ObjectiveModule, dtype: torch.dtype, is_main: bool) -> None:
+        self.module, self.dtype, self.is_main = module, dtype, is_main
+
+    def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [
+            (name, tuple(t.shape), self.dtype if t.is_floating_point() else t.dtype)
+            for name, t in self.module.model.state_dict().items()
+        ]
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        return iter_full_state(self.module, self.dtype, self.is_main)
 
 
 def param_and_optimizer_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> int:

@@ -63,15 +63,15 @@ from trainer.lr_schedule import warmup_cosine
 from trainer.metrics import MetricsWriter, mean_metrics, weighted_mean
 from trainer.objective import lm_head_gradient_variance
 from trainer.parallel import (
+    ModuleWeights,
     ObjectiveModule,
-    gather_full_state,
     grad_norm_value,
     is_sharded,
     push_dtype_of,
     wrap_model,
 )
 from trainer.schedule import TaskSchedule
-from trainer.weight_sync import Weights, WeightSync
+from trainer.weight_sync import StateDictWeights, Weights, WeightSync
 
 log = logging.getLogger("trainer")
 
@@ -375,17 +375,19 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
     push_dtype = push_dtype_of(cfg)
     pushing = bool(cfg.push_every and cfg.rollout_urls)
 
-    def weights() -> dict[str, torch.Tensor]:
-        """The full weights in the serving dtype; a collective under FSDP (all ranks call it together)."""
-        full = gather_full_state(module, push_dtype, ctx.is_main)
-        return full if full is not None else {}
+    # The full weights in the serving dtype, gathered as they are read: a collective under FSDP (all ranks
+    # read them together; only rank 0 gets tensors).
+    weights = ModuleWeights(module, push_dtype, ctx.is_main)
+
+    def join_gather() -> None:
+        """Take part in rank 0's gather (FSDP): every all-gather is a collective."""
+        for _ in weights.tensors():
+            pass
 
     # Under FSDP the gather is a collective: gather once on every rank before rank 0 decides what to push.
     start_weights: Weights = weights
-    gathered: dict[str, torch.Tensor] = {}
     if pushing and is_sharded(module):
-        gathered = weights()
-        start_weights = lambda: gathered  # noqa: E731
+        start_weights = StateDictWeights(dict(weights.tensors()))
 
     r0: RankZero | None = None
 
@@ -411,7 +413,7 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
         if cfg.eval_every and state.batch == 0:
             # The "before" point of every curve and report: the student as it starts.
             r0.writer.write(0, 0, _eval(cfg, state, r0, tokenizer))
-    start_weights, gathered = weights, {}  # drop the gathered copy
+    start_weights = weights  # drop the gathered copy
     # Rank 0's reconcile may raise the version past a rollout's; every rank must agree on it.
     state.policy_version = int(dist.all_reduce_max(ctx, [float(state.policy_version)])[0])
 
@@ -427,6 +429,7 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
     bar = progress.add_task("", total=cfg.max_batches or None, completed=state.batch)
     trailing_stale: BatchRead | None = None
     trailing_task = ""
+    task_held: str | None = None
     names = task_streams.task_names(cfg)
     # Which task each batch trains; every rank computes it, a resumed run continues it (trainer/tasks.py).
     schedule = TaskSchedule([t.weight for t in cfg.tasks] or [1.0], cfg.task_schedule, state.batch)
@@ -434,22 +437,43 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
         while not (cfg.max_batches and state.batch >= cfg.max_batches):
             # --- read (rank 0) and broadcast the kept records' raw bytes
             t0 = time.perf_counter()
-            task = names[schedule.next()]
+            if task_held is None:
+                task = names[schedule.next()]
+            task, task_held = task_held or task, None
             read: BatchRead | None = None
             blobs: list[bytes] | None = None
+            behind: list[int] = []
             if r0 is not None:
                 read = r0.streams[task].reader.next_batch(state.policy_version)
                 while read.flush_stale and not stop.stop:
                     # the checkpoint in flight first (rank 0's wait needs no other rank's main thread)
                     task_streams.ack_lines(r0.streams, checkpointer.wait())
                     _commit_stale(cfg.checkpoint_dir, state, read, r0, task, checkpointer.committed_batch)
+                    # A read that is all stale: a rollout may have restarted on older weights (no resume).
+                    behind = r0.sync.behind(state.policy_version) if r0.sync is not None else []
+                    if behind:
+                        break
                     read = r0.streams[task].reader.next_batch(state.policy_version)
-                if read.complete:
+                if read.complete and not behind:
                     # Every read record was decoded from its entry's data, so none is None.
                     blobs = [e.data for e, _ in read.records if e.data is not None]
                     assert len(blobs) == len(read.records)
-                else:
+                elif not behind:
                     trailing_stale, trailing_task = read, task
+            # every rank learns whether rank 0 must bring a rollout current first (a collective under FSDP)
+            if dist.broadcast_flag(ctx, bool(behind)):
+                if r0 is not None and r0.sync is not None:
+                    log.warning(
+                        "rollouts %s serve a version below %d (restarted without --resume-from?): "
+                        "pushing the current weights again",
+                        [r0.sync.urls[i] for i in behind],
+                        state.policy_version,
+                    )
+                    r0.sync.push(weights, state.policy_version, only=behind)
+                elif pushing and is_sharded(module):
+                    join_gather()
+                task_held = task  # this task's batch is still to be read
+                continue
             blobs = dist.broadcast_blobs(ctx, blobs)
             if blobs is None:
                 break
@@ -503,7 +527,7 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
             if push_due and r0 is not None and r0.sync is not None:
                 t_push = r0.sync.push(weights, state.policy_version)
             elif push_due and pushing and is_sharded(module):
-                weights()  # take part in rank 0's gather
+                join_gather()
             if r0 is None:
                 continue
             task_streams.ack_lines(r0.streams, committed)

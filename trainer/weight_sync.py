@@ -20,12 +20,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 import redis
+import torch
 from torch import Tensor
 
 from services.common import redis_keys
@@ -35,7 +37,42 @@ from services.rollout.protocol import WeightInfo
 
 log = logging.getLogger(__name__)
 
-Weights = Callable[[], Mapping[str, Tensor]]  # the full state dict to push, built on demand
+TensorSpec = tuple[str, tuple[int, ...], torch.dtype]
+
+
+class Weights(Protocol):
+    """The full weights to push, produced on demand (trainer/parallel.py: ModuleWeights gathers FSDP shards).
+
+    `specs` names every tensor with its full shape and the serving dtype, in send order, without moving any
+    data. `tensors` yields (name, CPU tensor) in that order; under FSDP each is a collective, so every rank
+    iterates it in step (only the main rank gets tensors)."""
+
+    def specs(self) -> list[TensorSpec]: ...
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]: ...
+
+
+class StateDictWeights:
+    """Weights from a plain state dict (one process: tests, tools)."""
+
+    def __init__(self, state_dict: Mapping[str, Tensor], dtype: torch.dtype | None = None) -> None:
+        self._sd = state_dict
+        self._dtype = dtype
+
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.detach().to("cpu")
+        return t.to(self._dtype) if self._dtype is not None and t.is_floating_point() else t
+
+    def specs(self) -> list[TensorSpec]:
+        out = []
+        for name, t in self._sd.items():
+            dtype = self._dtype if self._dtype is not None and t.is_floating_point() else t.dtype
+            out.append((name, tuple(t.shape), dtype))
+        return out
+
+    def tensors(self) -> Iterator[tuple[str, Tensor]]:
+        for name, t in self._sd.items():
+            yield name, self._cast(t)
 
 
 class WeightSync:
@@ -76,6 +113,21 @@ class WeightSync:
     def versions(self) -> list[int]:
         return list(self._pool.map(lambda c: c.weights().version, self.clients))
 
+    def behind(self, version: int) -> list[int]:
+        """Indices of the servers that report a version below `version` (a restart without resume serves
+        its initial weights at version 0). An unreachable server is not counted: its push will wait for it.
+        """
+
+        def served(i: int) -> int | None:
+            try:
+                return self.clients[i].weights().version
+            except (RolloutError, httpx.TransportError) as e:
+                log.warning("rollout %s: version unknown (%s)", self.urls[i], e)
+                return None
+
+        found = list(self._pool.map(served, range(len(self.clients))))
+        return [i for i, v in enumerate(found) if v is not None and v < version]
+
     def _write_shared(self, body: bytes, version: int) -> str:
         assert self.shared_dir is not None
         self.shared_dir.mkdir(parents=True, exist_ok=True)
@@ -94,12 +146,12 @@ class WeightSync:
         """Send the weights as `version` to the servers (all, or indices `only`), then SET the version key.
 
         `weights` gives the full state dict in the serving dtype (trainer/parallel.py gathers it); it is
-        called only when there is a server to send to. Returns the seconds spent.
+        read only when there is a server to send to. Returns the seconds spent.
         """
         t0 = time.perf_counter()
         indices = list(range(len(self.clients)) if only is None else only)
         if indices:
-            body = state_dict_to_safetensors(weights())
+            body = state_dict_to_safetensors(dict(weights.tensors()))
             path = self._write_shared(body, version) if self.mode == "shared" else None
 
             def send(c: RolloutClient) -> WeightInfo:

@@ -195,3 +195,76 @@ def test_resume_from_shared_push_dir_and_checkpoint_dir(tmp_path):
     with running_server(build_app(cfg)) as url, RolloutClient(url) as client:
         client.wait_ready(120)
         assert client.weights().version == 0
+
+
+def test_a_rollout_restarted_without_resume_is_brought_current(tmp_path):
+    """A rollout restarted without `--resume-from` (as the Kubernetes overlays ran it) serves version 0: every
+    record it produces is stale. The trainer notices (a read that is all stale, and the rollout's reported
+    version below its own), pushes its current weights again, and the run goes on training."""
+    tok = build_char_tokenizer()
+    student = make_tiny_llama(tmp_path / "student", seed=0, tokenizer=tok)
+    teacher = make_tiny_llama(tmp_path / "teacher", seed=1, tokenizer=tok)
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    serve = ["rollout", "serve", "--model", str(student), "--device", "cpu", "--port", str(port)]
+    rollout_proc = Proc([*serve, "--insecure-no-token", "--log-level", "warning"], tmp_path / "rollout.log")
+    trainer = worker = None
+    try:
+        with (
+            EmbeddedRedis() as redis_server,
+            run_server(TeacherConfig(model=str(teacher), backend="hf", port=0)) as teacher_handle,
+            TeacherClient([teacher_handle.address]) as teacher_client,
+            RolloutClient(url, retries=1) as rollout,
+        ):
+            rollout_proc.start()
+            wait_until(lambda: http_ready(url), 180, "rollout ready", [rollout_proc])
+            trainer = trainer_proc(
+                student,
+                redis_server.url,
+                url,
+                tmp_path / "ckpt",
+                tmp_path / "trainer.log",
+                run=RUN,
+                max_policy_lag=1,
+            ).start()
+            worker = start_worker(
+                rollout,
+                teacher_client,
+                redis_url=redis_server.url,
+                rollout_url=url,
+                teacher=[teacher_handle.address],
+                prompts=prompts,
+                run=RUN,
+                group_size=G,
+                max_new_tokens=8,
+                top_k=K,
+                concurrency=1,
+                max_backlog=8,
+                retry_timeout_s=300.0,
+            )
+            r = connect(redis_server.url)
+
+            def version() -> int:
+                return int(r.get(policy_version_key(RUN)) or 0)
+
+            wait_until(lambda: version() >= 3, 240, "three weight pushes", [trainer, rollout_proc])
+            rollout_proc.kill9()
+            v_kill = version()
+            rollout_proc.start()  # no --resume-from: the initial weights at version 0
+            wait_until(lambda: http_ready(url), 180, "rollout ready again", [rollout_proc])
+            # brought current by the trainer, then trained on: the version keeps rising
+            wait_until(lambda: rollout.weights().version >= v_kill, 240, "re-push", [trainer, rollout_proc])
+            wait_until(lambda: version() >= v_kill + 2, 240, "training after the restart", [trainer])
+            assert rollout.weights().version == version()
+            assert "pushing the current weights again" in trainer.log()
+            worker.stop()
+            worker.thread.join(120)
+            assert trainer.terminate(120) == 0, trainer.log()[-3000:]
+            assert "Traceback" not in trainer.log()
+    finally:
+        if worker is not None:
+            worker.shutdown(60)
+        for p in (trainer, rollout_proc):
+            if p is not None:
+                p.cleanup()

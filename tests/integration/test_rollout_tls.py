@@ -17,7 +17,7 @@ from services.rollout.client import AsyncRolloutClient, RolloutClient
 from services.rollout.config import RolloutConfig
 from services.rollout.protocol import GenerateRequest
 from services.rollout.server import running_server
-from trainer.weight_sync import WeightSync
+from trainer.weight_sync import StateDictWeights, WeightSync
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def test_trainer_weight_push_over_https(https_url, tls_files, model_path):
         sync = WeightSync(client, "tls", [https_url], token=TOKEN, tls_ca_file=tls_files.ca_file)
         try:
             version = max(sync.versions()) + 1
-            sync.push(model.state_dict, version)
+            sync.push(StateDictWeights(model.state_dict()), version)
             assert sync.versions() == [version]
             assert int(client.get(policy_version_key("tls"))) == version
         finally:

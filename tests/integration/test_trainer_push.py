@@ -24,7 +24,7 @@ from trainer.config import TrainerConfig
 from trainer.eval import EvalSettings, evaluate, load_eval_prompts
 from trainer.metrics import read_metrics
 from trainer.train import run
-from trainer.weight_sync import WeightSync
+from trainer.weight_sync import StateDictWeights, WeightSync
 
 pytestmark = pytest.mark.integration
 
@@ -71,28 +71,28 @@ def test_push_reconcile_and_shared_storage(models, rollout, redis_server, tmp_pa
     try:
         with torch.no_grad():
             model.lm_head.weight.add_(0.5)
-        sync.push(model.state_dict, 1)
+        sync.push(StateDictWeights(model.state_dict()), 1)
         after = client.weights()
         assert after.version == 1 and after.sha256 == _sha(model) != before.sha256
         assert int(r.get(redis_keys.policy_version_key("push"))) == 1
 
         with pytest.raises(RolloutError) as err:
-            WeightSync(r, "push", [url], token="wrong").push(model.state_dict, 2)
+            WeightSync(r, "push", [url], token="wrong").push(StateDictWeights(model.state_dict()), 2)
         assert err.value.status_code == 401 and client.weights().version == 1
 
         # trainer behind the server (weights pushed after its last checkpoint were lost): jump past it
-        assert sync.reconcile(model.state_dict, 0) == 2 and client.weights().version == 2
+        assert sync.reconcile(StateDictWeights(model.state_dict()), 0) == 2 and client.weights().version == 2
         # trainer ahead (crashed after checkpointing version 3, before pushing it): the server catches up
-        assert sync.reconcile(model.state_dict, 3) == 3 and client.weights().version == 3
+        assert sync.reconcile(StateDictWeights(model.state_dict()), 3) == 3 and client.weights().version == 3
         assert (
-            sync.reconcile(model.state_dict, 3) == 3 and client.weights().version == 3
+            sync.reconcile(StateDictWeights(model.state_dict()), 3) == 3 and client.weights().version == 3
         )  # in sync: nothing to do
 
         # shared storage: a file the server loads by path
         shared = WeightSync(r, "push", [url], mode="shared", shared_dir=str(tmp_path / "shared"), token=TOKEN)
         with torch.no_grad():
             model.lm_head.weight.mul_(0.5)
-        shared.push(model.state_dict, 4)
+        shared.push(StateDictWeights(model.state_dict()), 4)
         assert client.weights().version == 4 and client.weights().sha256 == _sha(model)
         assert (tmp_path / "shared" / "policy-00000004.safetensors").exists()
         shared.close()

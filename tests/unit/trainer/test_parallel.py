@@ -131,12 +131,14 @@ def test_layout_checks():
         parallel.wrap_model(_model(), _cfg(parallelism="fsdp"), CPU)
 
 
-def test_full_state_is_cast_to_the_push_dtype_and_bytes_are_counted():
+def test_pushed_weights_are_cast_to_the_push_dtype_and_bytes_are_counted():
     module = parallel.wrap_model(_model(), _cfg(), CPU)
-    full = parallel.gather_full_state(module, torch.bfloat16, is_main=True)
-    assert full is not None and full.keys() == module.model.state_dict().keys()
+    weights = parallel.ModuleWeights(module, torch.bfloat16, is_main=True)
+    full = dict(weights.tensors())
+    assert full.keys() == module.model.state_dict().keys()
+    assert [(n, tuple(t.shape), t.dtype) for n, t in full.items()] == weights.specs()  # specs say what comes
     assert all(t.dtype == torch.bfloat16 for t in full.values() if t.is_floating_point())
-    assert parallel.gather_full_state(module, torch.bfloat16, is_main=False) is None
+    assert list(parallel.ModuleWeights(module, torch.bfloat16, is_main=False).tensors()) == []
     opt = torch.optim.AdamW(module.parameters())
     n = sum(p.numel() for p in module.parameters())
     assert parallel.param_and_optimizer_bytes(module, opt) == 4 * n  # no optimizer state before a step
