@@ -249,10 +249,38 @@ def test_a_rollout_restarted_without_resume_is_brought_current(tmp_path):
                 return int(r.get(policy_version_key(RUN)) or 0)
 
             wait_until(lambda: version() >= 3, 240, "three weight pushes", [trainer, rollout_proc])
+            # Drain: no fresh record left to make a batch (whose push would bring the rollout current anyway)
+            worker.stop()
+            worker.thread.join(120)
+            seen = [version(), time.monotonic()]
+
+            def settled() -> bool:
+                if version() != seen[0]:
+                    seen[:] = [version(), time.monotonic()]
+                return time.monotonic() - seen[1] > 3.0
+
+            wait_until(settled, 120, "the trainer to use up the fresh records", [trainer])
             rollout_proc.kill9()
             v_kill = version()
             rollout_proc.start()  # no --resume-from: the initial weights at version 0
             wait_until(lambda: http_ready(url), 180, "rollout ready again", [rollout_proc])
+            assert rollout.weights().version == 0
+            worker.shutdown(60)
+            worker = start_worker(  # every record it writes now is stale until the trainer re-pushes
+                rollout,
+                teacher_client,
+                redis_url=redis_server.url,
+                rollout_url=url,
+                teacher=[teacher_handle.address],
+                prompts=prompts,
+                run=RUN,
+                group_size=G,
+                max_new_tokens=8,
+                top_k=K,
+                concurrency=1,
+                max_backlog=8,
+                retry_timeout_s=300.0,
+            )
             # brought current by the trainer, then trained on: the version keeps rising
             wait_until(lambda: rollout.weights().version >= v_kill, 240, "re-push", [trainer, rollout_proc])
             wait_until(lambda: version() >= v_kill + 2, 240, "training after the restart", [trainer])
