@@ -555,7 +555,10 @@ DEPLOYMENT_KEYS = {
     "checkpoint_dir",
     "log_dir",
     "shared_weights_dir",
+    "push_mode",
     "resume",
+    "resume_from",
+    "weights_dir",
     "progress",
     "concurrency",
 }
