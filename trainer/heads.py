@@ -20,8 +20,8 @@ vocabulary loses the digits that a log-probability needs.
 
 Gradients for the weight are returned from the backward, so a tied LM head (W shared with the input
 embedding) accumulates both contributions through ordinary autograd. The weight must be a plain (local)
-tensor: under FSDP2 gather it first (e.g. `lm_head.unshard()`), since these functions bypass the module's
-forward hooks. On CUDA the weight gradient accumulates with atomics (index_add_), so it is not bitwise
+tensor, since these functions bypass the head module's forward hooks: under FSDP2 they run inside the root
+module's forward, where the root's parameters (embeddings, LM head) are gathered (trainer/parallel.py). On CUDA the weight gradient accumulates with atomics (index_add_), so it is not bitwise
 deterministic run to run.
 
 The weight and bias gradients are sums over all N positions, built chunk by chunk. They accumulate in at
