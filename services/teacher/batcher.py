@@ -198,7 +198,7 @@ class Batcher:
             log.exception("scorer failed on a batch of %d sequences", len(items))
             error = e
         if self.metrics is not None:
-            self.metrics.observe_batch(items, time.perf_counter() - t0)
+            self.metrics.observe_batch(items, time.perf_counter() - t0, None if error else results)
         with self._cond:
             for j, unit in enumerate(batch):
                 ticket = unit.ticket

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from services.common.config import ConfigBase, ConfigError, load, opt
 BACKENDS = ("hf", "vllm")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+VLLM_STEP_TOKENS = 4096  # default tokens per vLLM engine step: 4096 x 152K vocab x 7 B = 4.4 GB of log-probs
 
 
 @dataclass
@@ -37,7 +39,28 @@ class TeacherConfig(ConfigBase):
     max_batch_tokens: int = opt(16384, "token budget of one forward (padded rows x longest sequence for hf)")
     batch_window_ms: float = opt(5.0, "how long an idle batcher waits for more requests before a forward")
     max_queue: int = opt(64, "requests admitted and not yet answered; beyond it RESOURCE_EXHAUSTED")
-    row_chunk: int = opt(0, "hf: rows per LM-head chunk (0 = about 64 MiB of float32 logits per chunk)")
+    row_chunk: int = opt(
+        0,
+        "hf: rows per LM-head chunk, the rows of one [rows, V] log-prob buffer (0 = 256 MiB of float32 "
+        "logits per chunk)",
+    )
+    prefix_reuse: bool = opt(
+        True,
+        "sequences that share their first score_from tokens (the G samples of a group) compute that prompt "
+        "once: hf from one KV cache per forward, vllm from its prefix cache",
+    )
+    tensor_parallel_size: int = opt(1, "vllm: GPUs per model replica for tensor parallelism (hf: 1 only)")
+    pipeline_parallel_size: int = opt(1, "vllm: pipeline stages (GPUs per replica = tp x pp; hf: 1 only)")
+    vllm_max_num_batched_tokens: int = opt(
+        0,
+        "vllm: tokens per engine step (chunked prefill); bounds the per-step prompt-logprob buffers "
+        f"(0 = min(max_batch_tokens, {VLLM_STEP_TOKENS}))",
+    )
+    logprob_memory_budget_gib: float = opt(
+        0.0,
+        "memory the log-prob buffers of one forward may take, checked at startup (0 = measure after the "
+        "model loads: free memory of the GPUs, or available RAM on the CPU)",
+    )
     token: str | None = opt(None, "bearer token required in metadata `authorization` (default: no auth)")
     token_file: str | None = opt(None, "file holding the bearer token (alternative to `token`)")
     tls_cert_file: str | None = opt(None, "PEM certificate chain; with tls_key_file enables TLS")
@@ -73,6 +96,8 @@ class TeacherConfig(ConfigBase):
             "max_request_tokens",
             "max_batch_tokens",
             "max_queue",
+            "tensor_parallel_size",
+            "pipeline_parallel_size",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -91,6 +116,21 @@ class TeacherConfig(ConfigBase):
             )
         if self.batch_window_ms < 0:
             raise ConfigError(f"batch_window_ms: must be >= 0, got {self.batch_window_ms}")
+        if self.backend == "hf":
+            for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+                if getattr(self, name) > 1:
+                    raise ConfigError(
+                        f"{name}={getattr(self, name)}: the hf backend runs one model on one device; "
+                        "use backend=vllm for tensor or pipeline parallelism"
+                    )
+        if self.vllm_max_num_batched_tokens < 0:
+            raise ConfigError(
+                f"vllm_max_num_batched_tokens: must be >= 0, got {self.vllm_max_num_batched_tokens}"
+            )
+        if not (self.logprob_memory_budget_gib >= 0 and math.isfinite(self.logprob_memory_budget_gib)):
+            raise ConfigError(
+                f"logprob_memory_budget_gib: must be >= 0, got {self.logprob_memory_budget_gib}"
+            )
         if self.row_chunk < 0 or self.threads < 0:
             raise ConfigError(f"row_chunk/threads: must be >= 0, got {self.row_chunk}/{self.threads}")
         if self.max_connection_age_s < 0 or self.grace_s < 0:
@@ -111,6 +151,11 @@ class TeacherConfig(ConfigBase):
     @property
     def served_model_id(self) -> str:
         return self.model_id or self.model
+
+    @property
+    def vllm_step_tokens(self) -> int:
+        """vLLM's max_num_batched_tokens: the most tokens (and prompt-logprob rows) of one engine step."""
+        return self.vllm_max_num_batched_tokens or min(self.max_batch_tokens, VLLM_STEP_TOKENS)
 
     def bearer_token(self) -> str | None:
         """The configured token (read from token_file if given), stripped; None when auth is off."""

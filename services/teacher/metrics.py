@@ -4,7 +4,9 @@ opd_teacher_queue_depth                    requests admitted and not yet answere
 opd_teacher_batch_sequences / _tokens      histograms of each forward's size
 opd_teacher_forward_seconds                histogram of the scorer's time per forward
 opd_teacher_scored_tokens_total            rows (positions) scored: rate() gives scored tokens/s
-opd_teacher_input_tokens_total             tokens run through the model
+opd_teacher_input_tokens_total             tokens sent to the model (every sequence whole)
+opd_teacher_prompt_tokens_requested_total  tokens before score_from, summed over sequences (G x P a group)
+opd_teacher_prompt_tokens_computed_total   of those, the ones the model ran (P a group when it is shared)
 opd_teacher_request_latency_seconds        Score latency as the server sees it, by status code
 opd_teacher_requests_total{code}           Score calls by status code
 """
@@ -18,7 +20,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
-    from services.teacher.scorer import ScoreItem
+    from services.teacher.scorer import ScoreItem, ScoreResult
 
 POW2 = tuple(float(2**i) for i in range(0, 19))
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -43,20 +45,41 @@ class TeacherMetrics:
         self.scored_tokens = Counter(
             "opd_teacher_scored_tokens", "positions scored (response rows)", registry=r
         )
-        self.input_tokens = Counter("opd_teacher_input_tokens", "tokens run through the model", registry=r)
+        self.input_tokens = Counter("opd_teacher_input_tokens", "tokens sent to the model", registry=r)
+        self.prompt_tokens_requested = Counter(
+            "opd_teacher_prompt_tokens_requested",
+            "tokens before score_from, summed over sequences",
+            registry=r,
+        )
+        self.prompt_tokens_computed = Counter(
+            "opd_teacher_prompt_tokens_computed",
+            "tokens before score_from the model ran (a shared prompt once)",
+            registry=r,
+        )
         self.request_latency = Histogram(
             "opd_teacher_request_latency_seconds", "Score latency", ["code"], buckets=LATENCY, registry=r
         )
         self.requests = Counter("opd_teacher_requests", "Score calls by status code", ["code"], registry=r)
         self._http: WSGIServer | None = None
 
-    def observe_batch(self, items: Sequence[ScoreItem], seconds: float) -> None:
+    def observe_batch(
+        self, items: Sequence[ScoreItem], seconds: float, results: Sequence[ScoreResult] | None = None
+    ) -> None:
+        """One forward; `results` (None when it failed) tell the prompt tokens actually computed."""
         tokens = sum(len(it.token_ids) for it in items)
         self.batch_sequences.observe(len(items))
         self.batch_tokens.observe(tokens)
         self.forward_seconds.observe(seconds)
         self.input_tokens.inc(tokens)
         self.scored_tokens.inc(sum(it.rows for it in items))
+        if results is not None:
+            self.prompt_tokens_requested.inc(sum(it.score_from for it in items))
+            self.prompt_tokens_computed.inc(
+                sum(
+                    it.score_from if r.prompt_tokens_computed is None else r.prompt_tokens_computed
+                    for it, r in zip(items, results, strict=True)
+                )
+            )
 
     def observe_request(self, code: str, seconds: float) -> None:
         self.requests.labels(code=code).inc()

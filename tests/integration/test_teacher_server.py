@@ -394,6 +394,27 @@ def test_health_reflection_and_metrics(server, client):
     assert float(scored[0].split()[-1]) >= 3
 
 
+def test_a_groups_shared_prompt_is_computed_once(server, client, reference_model):
+    def counters() -> tuple[float, float]:
+        text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).text
+        values = dict(line.split() for line in text.splitlines() if line.startswith("opd_teacher_prompt_"))
+        return (
+            float(values["opd_teacher_prompt_tokens_requested_total"]),
+            float(values["opd_teacher_prompt_tokens_computed_total"]),
+        )
+
+    rng = np.random.default_rng(21)
+    G, P = 4, 30
+    prompt = rng.integers(0, 50, P).tolist()
+    seqs = [prompt + rng.integers(0, 50, int(n)).tolist() for n in rng.integers(5, 40, G)]
+    requested0, computed0 = counters()
+    got = client.score(seqs, [P] * G, top_k=4)
+    requested1, computed1 = counters()
+    assert (requested1 - requested0, computed1 - computed0) == (G * P, P)  # prompt cost / G per sample
+    for seq, g in zip(seqs, got, strict=True):
+        assert_matches(g, seq, P, reference_rows(reference_model, seq, P), k=4)
+
+
 # -- auth and TLS ----------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,9 @@
 """The vllm backend (prompt_logprobs) served by `opd teacher serve --backend vllm` agrees with the hf backend.
 
 The vLLM engine spawns worker processes, so the server runs as a subprocess (its main module is guarded);
-one engine serves every test of this module.
+one engine serves every test of this module. Its steps hold 64 tokens (`--vllm-max-num-batched-tokens`),
+so every longer sequence is prefilled in chunks and its prompt log-probabilities come from several steps:
+matching hf, which scores it whole, is the chunked == whole check. Its prefix cache serves shared prompts.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -41,9 +45,27 @@ def model_dir(tmp_path_factory):
     return path
 
 
+STEP_TOKENS = 64
+
+
+@dataclass
+class VLLMServer:
+    address: str
+    metrics_url: str
+
+    def prompt_counters(self) -> tuple[float, float]:
+        """(opd_teacher_prompt_tokens_requested_total, opd_teacher_prompt_tokens_computed_total)"""
+        text = httpx.get(self.metrics_url, timeout=5).text
+        values = dict(line.split() for line in text.splitlines() if line.startswith("opd_teacher_prompt_"))
+        return (
+            float(values["opd_teacher_prompt_tokens_requested_total"]),
+            float(values["opd_teacher_prompt_tokens_computed_total"]),
+        )
+
+
 @pytest.fixture(scope="module")
 def vllm_server(model_dir, tmp_path_factory):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'proto'}")
     log_path = tmp_path_factory.mktemp("logs") / "teacher-vllm.log"
     log = open(log_path, "wb")
@@ -71,6 +93,10 @@ def vllm_server(model_dir, tmp_path_factory):
             "--vllm-gpu-memory-utilization",
             "0.05",
             "--vllm-enforce-eager",
+            "--vllm-max-num-batched-tokens",
+            str(STEP_TOKENS),
+            "--metrics-port",
+            str(metrics_port),
         ],
         cwd=ROOT,
         env=env,
@@ -100,7 +126,7 @@ def vllm_server(model_dir, tmp_path_factory):
                 raise TimeoutError(f"vllm teacher not SERVING:\n{log_path.read_text()[-5000:]}")
             time.sleep(0.5)
         channel.close()
-        yield address
+        yield VLLMServer(address, f"http://127.0.0.1:{metrics_port}/metrics")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log_path.read_text()[-5000:]
     finally:
@@ -118,9 +144,9 @@ def hf(model_dir):
 def test_vllm_matches_hf(vllm_server, hf):
     rng = np.random.default_rng(0)
     V = hf.info.vocab_size
-    lengths, starts = [40, 7, 120, 2, 65], [12, 1, 100, 1, 30]
+    lengths, starts = [40, 7, 120, 2, 65, 256], [12, 1, 100, 1, 30, 3]  # 120, 65, 256: over 64, chunked
     seqs = [rng.integers(0, V, n).astype(np.int32) for n in lengths]
-    with TeacherClient(vllm_server) as c:
+    with TeacherClient(vllm_server.address) as c:
         info = c.info()
         assert info.backend == "vllm" and not info.supports_candidates and not info.supports_temperature
         assert info.vocab_size == V and info.tokenizer_sha256 == hf.info.tokenizer_sha256
@@ -151,7 +177,7 @@ def test_vllm_concurrent_clients_and_unimplemented(vllm_server, hf):
     ]
 
     def run(job):
-        with TeacherClient(vllm_server) as c:
+        with TeacherClient(vllm_server.address) as c:
             return c.score([s.tolist() for s in job], [1] * len(job), top_k=4)
 
     with ThreadPoolExecutor(6) as pool:
@@ -161,7 +187,7 @@ def test_vllm_concurrent_clients_and_unimplemented(vllm_server, hf):
             np.testing.assert_allclose(g.target_logprobs, w.target_logprobs, atol=ATOL)
             np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, atol=ATOL)
 
-    with TeacherClient(vllm_server, max_retries=0) as c:
+    with TeacherClient(vllm_server.address, max_retries=0) as c:
         with pytest.raises(grpc.RpcError) as err:
             c.score([[1, 2, 3]], [1], top_k=2, candidates=[np.array([4, 5])])
         assert (
@@ -175,3 +201,49 @@ def test_vllm_concurrent_clients_and_unimplemented(vllm_server, hf):
             c.score([[1, 2, 3]], [1], top_k=17)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "top_k=17" in err.value.details()
         assert c.score([[1, 2, 3]], [2], top_k=2)[0].topk_ids.shape == (1, 2)  # still up
+
+
+def compare(got, seqs, starts, hf, k):
+    want = hf.score(
+        [ScoreItem(np.asarray(s, np.int32), f, top_k=k) for s, f in zip(seqs, starts, strict=True)]
+    )
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g.target_logprobs, w.target_logprobs, atol=ATOL)
+        np.testing.assert_allclose(g.topk_logprobs, w.topk_logprobs, atol=ATOL)
+
+
+def test_vllm_group_reads_its_shared_prompt_from_the_prefix_cache(vllm_server, hf):
+    # vLLM's CPU blocks hold 128 tokens: a 160-token prompt is one cached block plus 32 tokens. The first
+    # sample computes it; the other three read the block and compute 32 prompt tokens each.
+    rng = np.random.default_rng(2)
+    V = hf.info.vocab_size
+    G, P = 4, 160
+    prompt = rng.integers(0, V, P).tolist()
+    seqs = [prompt + rng.integers(0, V, int(n)).tolist() for n in (60, 20, 90, 41)]
+    requested0, computed0 = vllm_server.prompt_counters()
+    with TeacherClient(vllm_server.address) as c:
+        got = c.score(seqs, [P] * G, top_k=8)
+    requested1, computed1 = vllm_server.prompt_counters()
+    compare(got, seqs, [P] * G, hf, 8)
+    assert requested1 - requested0 == G * P
+    assert computed1 - computed0 == P + (G - 1) * (P - 128)
+
+
+def test_vllm_cache_hit_past_score_from_is_scored_again(vllm_server, hf):
+    # The same sequence twice: the second one's cache hit (its first 128 tokens) covers rows we return,
+    # which vLLM leaves uncomputed; the scorer notices (num_cached_tokens >= score_from) and scores it again
+    # without reading the cache. Then a hit that stops below score_from is read.
+    rng = np.random.default_rng(3)
+    V = hf.info.vocab_size
+    seq = rng.integers(0, V, 200).tolist()
+    with TeacherClient(vllm_server.address) as c:
+        first = c.score([seq], [50], top_k=8)
+        requested0, computed0 = vllm_server.prompt_counters()
+        again = c.score([seq], [50], top_k=8)
+        requested1, computed1 = vllm_server.prompt_counters()
+        later = c.score([seq], [150], top_k=8)
+        requested2, computed2 = vllm_server.prompt_counters()
+    compare(first + again, [seq, seq], [50, 50], hf, 8)
+    compare(later, [seq], [150], hf, 8)
+    assert (requested1 - requested0, computed1 - computed0) == (50, 50)  # recomputed without the cache
+    assert (requested2 - requested1, computed2 - computed1) == (150, 150 - 128)  # read: the hit < 150
