@@ -19,7 +19,8 @@ OBJECTIVES = ("lsm", "sampled_token", "gamma", "full_kl")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 PUSH_DTYPES = ("auto", *DTYPES)
-PUSH_MODES = ("http", "shared")
+PUSH_MODES = ("http", "shared", "collective")
+COLLECTIVE_BACKENDS = ("auto", "gloo", "nccl")
 PARALLELISMS = ("replicate", "fsdp")
 CHECKPOINTING = ("auto", "on", "off")
 
@@ -108,7 +109,11 @@ class TrainerConfig(ConfigBase):
 
     # --- weight push
     push_every: int = opt(1, "push weights and bump the policy version every N batches (0 = never)")
-    push_mode: str = opt("http", "http: PUT safetensors to each rollout; shared: write a file, POST its path")
+    push_mode: str = opt(
+        "http",
+        "http: PUT safetensors to each rollout; shared: write a file, POST its path; collective: one broadcast "
+        "to every rollout over a torch.distributed group (docs/rollout.md)",
+    )
     rollout_urls: list[str] = opt([], "rollout services to push to (empty = only bump the version in Redis)")
     shared_weights_dir: str = opt("", "push_mode=shared: directory the rollout services can read")
     weights_token_file: str = opt(
@@ -118,6 +123,21 @@ class TrainerConfig(ConfigBase):
     push_timeout_s: float = opt(300.0, "HTTP timeout of one weight push or load")
     push_dtype: str = opt(
         "auto", "dtype of pushed weights, the rollout's serving dtype (auto = compute_dtype)"
+    )
+    collective_addr: str = opt(
+        "",
+        "push_mode=collective: address the group's store binds and the rollouts dial (empty = the local "
+        "address that routes to the first rollout)",
+    )
+    collective_port: int = opt(0, "push_mode=collective: the store's port (0 = any free port)")
+    collective_backend: str = opt(
+        "auto", "push_mode=collective: gloo, nccl, or auto (nccl when the trainer runs on CUDA, else gloo)"
+    )
+    collective_timeout_s: float = opt(
+        120.0, "push_mode=collective: rendezvous and per-transfer timeout; a stalled replica fails the push"
+    )
+    collective_bucket_mb: int = opt(
+        64, "push_mode=collective: small tensors travel packed in buckets of this size"
     )
 
     # --- checkpoint
@@ -188,6 +208,16 @@ class TrainerConfig(ConfigBase):
             raise ConfigError(f"support: {self.support!r} is not one of {SUPPORTS}")
         if self.push_mode not in PUSH_MODES:
             raise ConfigError(f"push_mode: {self.push_mode!r} is not one of {PUSH_MODES}")
+        if self.collective_backend not in COLLECTIVE_BACKENDS:
+            raise ConfigError(
+                f"collective_backend: {self.collective_backend!r} is not one of {COLLECTIVE_BACKENDS}"
+            )
+        if not 0 <= self.collective_port <= 65535:
+            raise ConfigError(f"collective_port: {self.collective_port} is outside [0, 65535]")
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"collective_timeout_s: {self.collective_timeout_s} <= 0")
+        if not 1 <= self.collective_bucket_mb <= 16384:
+            raise ConfigError(f"collective_bucket_mb: {self.collective_bucket_mb} is outside [1, 16384]")
         if self.eval_verifier not in VERIFIERS:
             raise ConfigError(f"eval_verifier: {self.eval_verifier!r} is not one of {VERIFIERS}")
         for name in (

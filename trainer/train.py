@@ -613,8 +613,12 @@ def _setup_rank_zero(
     # One stream per task; each recovers the entries this consumer read there before a restart.
     streams = task_streams.open_streams(client, cfg, check, loaded, should_stop)
 
-    sync = None
-    if cfg.push_every:
+    sync: WeightSync | None = None
+    if cfg.push_every and cfg.push_mode == "collective":
+        from trainer.weight_broadcast import CollectiveSync  # one broadcast to every rollout (issue #16)
+
+        sync = CollectiveSync.from_config(client, cfg)
+    elif cfg.push_every:
         sync = WeightSync(
             client,
             cfg.run,
@@ -625,6 +629,7 @@ def _setup_rank_zero(
             timeout_s=cfg.push_timeout_s,
             tls_ca_file=cfg.rollout_tls_ca_file or None,
         )
+    if sync is not None:
         state.policy_version = sync.reconcile(weights, state.policy_version)
 
     r0 = RankZero(

@@ -3,19 +3,25 @@
 Errors: bad input 422 (the engine's RequestError/WeightsError, or pydantic's validation), stale version
 409, missing/wrong token 401, weight updates without a configured token 403, body too large 413, engine
 not loaded or failed 503 (clients retry).
+
+`PUT /v1/weights` streams: the version is checked before the body is read, the safetensors header is
+checked against the served model before any data is read, and the data is copied into per-tensor buffers
+as it arrives (services/rollout/weights_stream.py). A refusal before the end of the body answers at once
+with `Connection: close`, so that the sender stops instead of sending the rest of a multi-GB body.
 """
 
 from __future__ import annotations
 
 import hmac
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from services.rollout.engine import EngineUnavailable, RolloutEngine
+from services.rollout.engine import EngineUnavailable, RolloutEngine, VersionConflict, WeightsError
 from services.rollout.metrics import RolloutMetrics
 from services.rollout.protocol import (
     ErrorResponse,
@@ -24,6 +30,7 @@ from services.rollout.protocol import (
     LoadWeightsRequest,
     WeightInfo,
 )
+from services.rollout.weights_stream import Header, receive_safetensors
 
 router = APIRouter()
 bearer = HTTPBearer(auto_error=False, description="weight-update token (OPD_WEIGHTS_TOKEN)")
@@ -63,12 +70,6 @@ def require_token(request: Request, creds: HTTPAuthorizationCredentials | None =
         raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-async def read_body(request: Request) -> bytes:
-    """The request body; BodyLimit (body_limit.py) refuses it with 413 once it exceeds max_weights_bytes."""
-    chunks = [chunk async for chunk in request.stream()]
-    return b"".join(chunks)  # one copy; safetensors parses `bytes` only
-
-
 @router.post("/v1/generate", responses=ERRORS)
 async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
     """Sample `n` completions per prompt; logprobs are under the full temperature-1 distribution."""
@@ -80,7 +81,8 @@ async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
 
 @router.get("/v1/weights", responses=ERRORS)
 async def get_weights(request: Request) -> WeightInfo:
-    return get_engine(request).weight_info()
+    """The served version and sha256 (waits for a hash still being computed after a streamed PUT)."""
+    return await get_engine(request).settled_weight_info()
 
 
 @router.put(
@@ -89,13 +91,47 @@ async def get_weights(request: Request) -> WeightInfo:
 async def put_weights(
     request: Request,
     version: int = Query(ge=0, le=2**63 - 1, description="must exceed the served version"),
-    body: bytes = Depends(read_body),
+    wait_sha256: bool = Query(
+        True,
+        description="answer once the sha256 of the new weights is computed (it runs after the swap); "
+        'false: answer right after the swap with sha256 "" (GET /v1/weights waits for it)',
+    ),
 ) -> WeightInfo:
-    """Replace the served weights (validated first, swapped atomically between requests)."""
+    """Replace the served weights: streamed in, validated before any data is read, then swapped in."""
     engine, start = get_engine(request), time.perf_counter()
-    info = await engine.put_weights(body, version)
+    try:
+        engine.check_version(version)  # before a byte of the body is read
+        tensors = await receive_safetensors(request.stream(), header_check(request, engine))
+    except (WeightsError, VersionConflict) as e:
+        # the rest of the body is not read: close, so that the sender stops (and the reason reaches it)
+        status = 409 if isinstance(e, VersionConflict) else 422
+        raise HTTPException(status, str(e), headers={"Connection": "close"}) from e
+    info = await engine.put_received(tensors, version, wait_sha256=wait_sha256)
     get_metrics(request).observe_swap(info, time.perf_counter() - start)
     return info
+
+
+def header_check(request: Request, engine: RolloutEngine) -> Callable[[Header], None]:
+    """What a PUT body's safetensors header must satisfy before its data is read: the length it implies
+    within max_weights_bytes (413) and equal to any Content-Length, and its tensors the served model's."""
+    limit: int = request.app.state.cfg.max_weights_bytes
+    declared = request.headers.get("content-length")
+
+    def check(header: Header) -> None:
+        if header.length > limit:
+            raise HTTPException(
+                413,
+                f"body of {header.length} bytes (per its safetensors header) exceeds max_weights_bytes {limit}",
+                headers={"Connection": "close"},
+            )
+        if declared is not None and int(declared) != header.length:
+            raise WeightsError(
+                f"Content-Length {declared} differs from the {header.length} bytes the safetensors header "
+                "declares"
+            )
+        engine.schema.validate(header.specs)
+
+    return check
 
 
 @router.post("/v1/weights/load", responses=ERRORS, dependencies=[Depends(require_token)])

@@ -20,6 +20,7 @@ from services.common.policy_files import is_dcp_checkpoint, latest_policy, read_
 from services.rollout.api import router
 from services.rollout.body_limit import BodyLimit, route_limit
 from services.rollout.client import state_dict_to_safetensors
+from services.rollout.collective_api import router as collective_router
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import (
     EngineUnavailable,
@@ -29,6 +30,7 @@ from services.rollout.engine import (
     WeightsError,
 )
 from services.rollout.metrics import RolloutMetrics
+from services.rollout.request_counter import CountRequests
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,9 @@ def build_app(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> FastAP
         app.state.metrics.policy_version.set(engine.version)
         app.state.metrics.ready.set(1)
     app.include_router(router)
+    app.include_router(collective_router)  # the collective weight path (collective_api.py)
     app.add_middleware(BodyLimit, limit_of=route_limit(cfg.max_request_bytes, cfg.max_weights_bytes))
+    app.add_middleware(CountRequests, metrics=app.state.metrics)
 
     @app.exception_handler(RequestError)
     async def _bad_request(request: Request, exc: RequestError) -> JSONResponse:
@@ -148,15 +152,5 @@ def build_app(cfg: RolloutConfig, engine: RolloutEngine | None = None) -> FastAP
     @app.exception_handler(EngineUnavailable)
     async def _unavailable(request: Request, exc: EngineUnavailable) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "1"})
-
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        # the route template, not the raw path: unknown paths must not grow the label set
-        app.state.metrics.requests.labels(
-            route.path if route is not None else "unmatched", str(response.status_code)
-        ).inc()
-        return response
 
     return app

@@ -3,7 +3,8 @@
 A declared `Content-Length` over the limit is answered 413 before a byte of the body is read; a body
 without one (chunked) is counted as it streams in and refused with 413 as soon as it passes the limit, so
 a client cannot make the service buffer more than the limit plus one chunk. Limits per route: the weight
-upload (`PUT /v1/weights`) gets `max_weights_bytes`, every other request `max_request_bytes`.
+upload (`PUT /v1/weights`) gets `max_weights_bytes`, every other request `max_request_bytes`. (The weight
+route also refuses, before reading any data, a body whose safetensors header declares more: api.py.)
 """
 
 from __future__ import annotations

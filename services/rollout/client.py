@@ -11,16 +11,27 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import random
 import ssl
 import struct
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import torch
 
 from services.rollout.protocol import GenerateRequest, GenerateResponse, LoadWeightsRequest, WeightInfo
+from services.rollout.weights_stream import (
+    BUCKET_BYTES,
+    PIECE_BYTES,
+    ST_DTYPES,
+    NamedSpec,
+    encode_header,
+    iter_body,
+)
 
 
 class RolloutError(Exception):
@@ -30,23 +41,6 @@ class RolloutError(Exception):
         super().__init__(f"rollout service: HTTP {status_code}: {detail}")
         self.status_code = status_code
         self.detail = detail
-
-
-# safetensors dtype names (https://github.com/huggingface/safetensors, format spec)
-_ST_DTYPES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
 
 
 class SafetensorsStream:
@@ -68,7 +62,7 @@ class SafetensorsStream:
             if key in seen:
                 continue
             seen.add(key)
-            if tensor.dtype not in _ST_DTYPES:
+            if tensor.dtype not in ST_DTYPES:
                 raise ValueError(f"{name}: dtype {tensor.dtype} has no safetensors encoding here")
             self.tensors[name] = tensor.detach()
         # larger elements first (as safetensors itself does): every tensor's offset stays aligned
@@ -78,7 +72,7 @@ class SafetensorsStream:
             t = self.tensors[name]
             size = t.numel() * t.element_size()
             header[name] = {
-                "dtype": _ST_DTYPES[t.dtype],
+                "dtype": ST_DTYPES[t.dtype],
                 "shape": list(t.shape),
                 "data_offsets": [offset, offset + size],
             }
@@ -153,7 +147,9 @@ class RolloutClient:
             base_url=base_url.rstrip("/"), timeout=timeout_s, verify=tls_verify(tls_ca_file)
         )
 
-    def _request(self, method: str, path: str, *, idempotent: bool, **kw) -> httpx.Response:
+    def _request(
+        self, method: str, path: str, *, idempotent: bool, retry_503: bool = True, **kw
+    ) -> httpx.Response:
         for attempt in range(self.retries + 1):
             last = attempt == self.retries
             try:
@@ -165,7 +161,7 @@ class RolloutClient:
                 if last or not idempotent:
                     raise
             else:
-                if resp.status_code != 503 or last:
+                if resp.status_code != 503 or last or not retry_503:
                     return _check(resp)
             time.sleep(_backoff(attempt))
         raise AssertionError("unreachable")
@@ -178,18 +174,37 @@ class RolloutClient:
     def weights(self) -> WeightInfo:
         return WeightInfo.model_validate_json(self._request("GET", "/v1/weights", idempotent=True).content)
 
-    def put_weights(self, state_dict: Mapping[str, torch.Tensor] | bytes, version: int) -> WeightInfo:
-        """Push the full state dict (or its safetensors bytes) as `version`."""
+    def put_weights(
+        self, state_dict: Mapping[str, torch.Tensor] | bytes, version: int, *, wait_sha256: bool = True
+    ) -> WeightInfo:
+        """Push the full state dict (or its safetensors bytes) as `version`. `wait_sha256=False`: the server
+        answers right after the swap, with sha256 "" (`weights()` returns it once computed)."""
         body = _Pieces(state_dict) if isinstance(state_dict, bytes) else SafetensorsStream(state_dict)
-        headers = {
-            **self._auth,
-            "Content-Type": "application/octet-stream",
-            "Content-Length": str(body.length),
-        }
+        return self.put_weights_stream(body, body.length, version, wait_sha256=wait_sha256)
+
+    def put_weights_stream(
+        self, body: Iterable[bytes | memoryview], length: int, version: int, *, wait_sha256: bool = True
+    ) -> WeightInfo:
+        """Push a safetensors body given as pieces (each at most ~1 MiB: httpx's sync writer re-slices a
+        large piece after every partial send) of `length` bytes in all. A one-pass iterator is fine: the
+        request is retried only on connect errors, before any piece is taken (and on 503 when `body` can be
+        iterated again, i.e. is not itself an iterator)."""
+        headers = {**self._auth, "Content-Type": "application/octet-stream", "Content-Length": str(length)}
+        params = {"version": version, "wait_sha256": str(wait_sha256).lower()}
         resp = self._request(
-            "PUT", "/v1/weights", idempotent=False, params={"version": version}, content=body, headers=headers
+            "PUT",
+            "/v1/weights",
+            idempotent=False,
+            retry_503=not isinstance(body, Iterator),
+            params=params,
+            content=body,
+            headers=headers,
         )
         return WeightInfo.model_validate_json(resp.content)
+
+    def served_version(self) -> int:
+        """The served policy version from /readyz (never waits for a weight hash; 503 is retried)."""
+        return int(self._request("GET", "/readyz", idempotent=True).json()["version"])
 
     def load_weights(self, path: str, version: int) -> WeightInfo:
         """Have the server load a safetensors checkpoint from storage it shares with the caller."""
@@ -220,6 +235,108 @@ class RolloutClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _Sink:
+    """One server's end of a fan-out: a bounded queue of buckets (backpressure), read by its request."""
+
+    _END = None
+
+    def __init__(self, depth: int) -> None:
+        self.queue: queue.Queue[memoryview | BaseException | None] = queue.Queue(depth)
+        self.closed = threading.Event()  # the request stopped reading (answered or failed)
+
+    def put(self, item: memoryview | BaseException | None) -> None:
+        """Queue `item`, waiting for room while the request still reads; dropped once it stopped."""
+        while not self.closed.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self.closed.set()
+        while True:  # free the buckets still queued
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                return
+
+    def pieces(self, piece: int) -> Iterator[memoryview]:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            for start in range(0, len(item), piece):
+                yield item[start : start + piece]
+
+
+class PushAborted(Exception):
+    """The sender failed mid-body (its tensors raised): the request is cut off, the server keeps its weights."""
+
+
+def push_weights_stream(
+    clients: Sequence[RolloutClient],
+    specs: Sequence[NamedSpec],
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    version: int,
+    *,
+    bucket_bytes: int = BUCKET_BYTES,
+    queue_buckets: int = 2,
+    wait_sha256: bool = False,
+    pool: ThreadPoolExecutor | None = None,
+) -> list[WeightInfo | Exception]:
+    """PUT the same weights to every client concurrently from ONE pass over `tensors`.
+
+    The safetensors header comes from `specs` (names, shapes, dtypes, in the order `tensors` yields them);
+    the data is cut into buckets of at most `bucket_bytes` as tensors arrive (weights_stream.iter_body) and
+    each bucket is queued to every server still reading, `queue_buckets` deep: a slow server holds the pass
+    back (backpressure), so at most about `(queue_buckets + 2) * bucket_bytes` of the body is ever held,
+    never the serialised model. A server that answers early (a refusal) stops taking buckets; the pass goes
+    on to its end regardless (under FSDP every rank takes part in each gather of `tensors`). Returns each
+    server's WeightInfo or the exception its request raised, in order; raises if `tensors` raised (every
+    request is then cut off, and the servers keep their weights).
+    """
+    prefix, length = encode_header(specs)
+    sinks = [_Sink(max(1, queue_buckets)) for _ in clients]
+    own_pool = pool is None
+    executor = pool or ThreadPoolExecutor(max_workers=max(1, len(clients)), thread_name_prefix="push")
+
+    def send(i: int) -> WeightInfo:
+        try:
+            return clients[i].put_weights_stream(
+                sinks[i].pieces(PIECE_BYTES), length, version, wait_sha256=wait_sha256
+            )
+        finally:
+            sinks[i].close()
+
+    try:
+        futures = [executor.submit(send, i) for i in range(len(clients))]
+        try:
+            for bucket in iter_body(prefix, specs, tensors, bucket_bytes):
+                for sink in sinks:
+                    sink.put(bucket)
+            for sink in sinks:
+                sink.put(_Sink._END)
+        except BaseException as e:
+            for sink in sinks:
+                sink.put(PushAborted(f"push of version {version} aborted by the sender: {e!r}"))
+            for f in futures:
+                f.exception()  # wait: no request may outlive the pass
+            raise
+        results: list[WeightInfo | Exception] = []
+        for f in futures:
+            try:
+                results.append(f.result())
+            except Exception as e:
+                results.append(e)
+        return results
+    finally:
+        if own_pool:
+            executor.shutdown(wait=True)
 
 
 class AsyncRolloutClient:

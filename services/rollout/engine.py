@@ -3,20 +3,23 @@
 An engine turns a `GenerateRequest` into samples and swaps in new weights. The base class owns what must
 behave the same on every backend: prompt tokenisation and request checks, the policy version, weight
 validation (names, shapes, dtypes against the live model, before anything is touched), the state hash,
-and the readers-writer lock that makes a swap atomic for generation (a request holds the read side for
-its whole duration; a swap holds the write side, so a request sees the old weights or the new ones).
+and the update lock that serialises weight updates.
+
+Swaps do not drain: generation never takes the update lock. A backend's `_install` replaces the weights
+between two decoding steps of the generations in flight (hf: between steps of its decode loop; vLLM:
+`pause_generation(mode="keep")`), which then continue under the new weights; each sample says which
+versions sampled its first and last tokens, and a response's `policy_version` is the oldest of them.
 Backends implement `_generate` and `_install`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -196,49 +199,6 @@ class StagedWeights:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Locking
-
-
-class AsyncRWLock:
-    """Many readers or one writer. A waiting writer holds off new readers, so swaps are not starved."""
-
-    def __init__(self) -> None:
-        self._cond = asyncio.Condition()
-        self._readers = 0
-        self._writer = False
-        self._writers_waiting = 0
-
-    @contextlib.asynccontextmanager
-    async def read(self) -> AsyncIterator[None]:
-        async with self._cond:
-            await self._cond.wait_for(lambda: not self._writer and self._writers_waiting == 0)
-            self._readers += 1
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._readers -= 1
-                self._cond.notify_all()
-
-    @contextlib.asynccontextmanager
-    async def write(self) -> AsyncIterator[None]:
-        async with self._cond:
-            self._writers_waiting += 1
-            try:
-                await self._cond.wait_for(lambda: not self._writer and self._readers == 0)
-            finally:
-                self._writers_waiting -= 1
-                self._cond.notify_all()  # a cancelled writer must not keep readers waiting
-            self._writer = True
-        try:
-            yield
-        finally:
-            async with self._cond:
-                self._writer = False
-                self._cond.notify_all()
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Engine
 
 
@@ -279,7 +239,8 @@ class RolloutEngine(ABC):
         self.eos_token_ids = eos_token_ids
         self._sha256 = sha256
         self._version = version
-        self._lock = AsyncRWLock()
+        # serialises weight updates (version check, install, version bump); generation never takes it
+        self._update_lock = asyncio.Lock()
         self.failure: str | None = None  # set when an install failed halfway: the weights are unknown
         # requests without a seed draw one here: reproducible for a whole server run given cfg.seed
         self._seeds = torch.Generator().manual_seed(seed)
@@ -303,10 +264,12 @@ class RolloutEngine(ABC):
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         prompt_ids = self.tokenize(req)
         params = self.resolve_params(req, prompt_ids)
-        async with self._lock.read():
-            self._check_healthy()
-            version = self._version  # the weights cannot change until this request is done
-            samples = await self._generate(prompt_ids, params)
+        self._check_healthy()
+        samples = await self._generate(prompt_ids, params)  # weight updates may land between its steps
+        # an install that failed meanwhile left unknown weights under this request's later tokens
+        self._check_healthy()
+        # conservative: staleness is judged by the oldest weights behind any returned token
+        version = min(s.first_token_version for s in samples)
         return GenerateResponse(policy_version=version, prompt_ids=prompt_ids, samples=samples)
 
     async def put_weights(self, body: bytes, version: int) -> WeightInfo:
@@ -330,6 +293,63 @@ class RolloutEngine(ABC):
         staged = StagedWeights({}, "", version, files=files)
         await asyncio.to_thread(self._stage, staged, lambda: read_safetensors_files(files))
         return await self._swap(staged)
+
+    # -- streamed updates (services/rollout/weights_stream.py) ------------------------------------------
+
+    def check_version(self, version: int) -> None:
+        """Raise VersionConflict (409) unless `version` is above the served one: before a body is read."""
+        self._check_version(version)
+
+    async def put_received(
+        self, tensors: dict[str, torch.Tensor], version: int, *, wait_sha256: bool = True
+    ) -> WeightInfo:
+        """Install tensors that a streamed PUT received into buffers it owns (CPU, writable) as `version`.
+
+        Validated again (names, shapes, dtypes only: no data is read), prepared by the backend and swapped
+        in without hashing first: the sha256 of the served state is computed after the swap, in a thread,
+        so generation serves the new weights that much sooner. Until it is known `weight_info()` reports
+        sha256 "" and `settled_weight_info()` waits for it. `wait_sha256`: return only once it is known
+        (the response then carries it); else at once, with sha256 "".
+        """
+        self._check_version(version)
+        staged = StagedWeights({}, "", version)
+
+        def stage() -> None:
+            self.schema.validate(tensor_specs(tensors))
+            staged.tensors = dict(tensors)  # the backend replaces it; `tensors` stays for the hash
+            self._prepare(staged)
+
+        try:
+            await asyncio.to_thread(stage)
+        except BaseException:
+            for path in staged.temp_files:  # _swap removes them, but it is not reached
+                path.unlink(missing_ok=True)
+            raise
+        info = await self._swap(staged)
+        task = asyncio.create_task(self._hash_after_swap(tensors, version))
+        self._sha256_pending: asyncio.Task[str] | None = task
+        if not wait_sha256:
+            return info
+        return info.model_copy(update={"sha256": await asyncio.shield(task)})
+
+    async def _hash_after_swap(self, tensors: dict[str, torch.Tensor], version: int) -> str:
+        try:
+            digest = await asyncio.to_thread(state_sha256, tensors, self.schema.specs)
+        except Exception:
+            log.exception("hashing weights version %d failed", version)
+            return ""
+        if self._version == version and not self._sha256:  # not replaced since (a later swap hashes anew)
+            self._sha256 = digest
+            log.info("weights version %d: sha256 %s", version, digest[:12])
+        return digest
+
+    async def settled_weight_info(self) -> WeightInfo:
+        """`weight_info()` once the sha256 of the served weights is known (see `put_received`)."""
+        while True:
+            task: asyncio.Task[str] | None = getattr(self, "_sha256_pending", None)
+            if task is None or task.done():
+                return self.weight_info()
+            await asyncio.shield(task)
 
     @abstractmethod
     async def close(self) -> None:
@@ -409,11 +429,11 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def _prepare(self, staged: StagedWeights) -> None:
-        """Backend work done before the write lock, while generation goes on (runs in a thread)."""
+        """Backend work done before the update lock, while generation goes on (runs in a thread)."""
 
     async def _swap(self, staged: StagedWeights) -> WeightInfo:
         try:
-            async with self._lock.write():
+            async with self._update_lock:
                 self._check_healthy()
                 self._check_version(staged.version)  # a concurrent update may have won while we validated
                 try:
@@ -436,11 +456,14 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     async def _generate(self, prompt_ids: list[list[int]], params: GenerateParams) -> list[Sample]:
-        """Samples for every prompt (prompt-major: prompt 0's n samples first), under the read lock."""
+        """Samples for every prompt (prompt-major: prompt 0's n samples first), each labelled with the
+        versions that sampled its first and last tokens. Runs while updates install (no lock)."""
 
     @abstractmethod
     async def _install(self, staged: StagedWeights) -> None:
-        """Replace the live weights with `staged` (validated), under the write lock."""
+        """Replace the live weights with `staged` (validated), under the update lock, while generations may
+        be in flight: between two of their decoding steps, which continue under `staged` and label the
+        tokens they sample from then on with `staged.version`."""
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:

@@ -5,14 +5,21 @@ position ids), prefilled once per distinct prompt, then the KV cache is expanded
 row has its own CPU `torch.Generator` seeded from (request seed, i, j), so a request's samples depend on
 its seed only, not on batching. Finished rows are dropped from the batch as they stop.
 
-All model work (generation and weight installs) runs on one executor thread: besides the engine's
-readers-writer lock, this FIFO guarantees that an install never overlaps a generation step.
+Requests run one at a time on one executor thread. Weight installs do not wait for them: a `WeightsGate`
+lets a model forward (prefill or one decoding step) and an install exclude each other, an install going
+before the next step, so an install waits for one step at most. The step after an install re-prefills
+every row's whole context (prompt + tokens so far) under the new weights instead of extending the KV
+cache: the old weights' cache entries are dropped (as vLLM's `pause_generation(clear_cache=True)` does),
+so every token is sampled from exactly log pi_v(. | c_t) of the version v it is labelled with.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -22,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from services.common.devices import resolve_device
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import (
+    EngineUnavailable,
     GenerateParams,
     RolloutEngine,
     StagedWeights,
@@ -74,10 +82,67 @@ def owned_copy(t: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(flat_bytes.copy()).view(t.dtype).reshape(t.shape)
 
 
+class WeightsGate:
+    """Model forwards and weight installs exclude each other; a waiting install goes before the next forward.
+
+    `step()` is held around each forward of the decode loop and yields the version of the weights bound
+    for it; `install(version, rebind)` waits for the forward in progress (if any) to end, runs `rebind`
+    (which replaces the live weights) and makes `version` the bound one. Idle, an install runs at once.
+    """
+
+    def __init__(self, version: int = 0) -> None:
+        self._cond = threading.Condition()
+        self._version = version
+        self._stepping = 0
+        self._installing = False
+        self._installs_waiting = 0
+        self._failure: str | None = None  # a rebind raised: the weights are a mix, no step may run
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[int]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._installing and self._installs_waiting == 0)
+            if self._failure is not None:
+                raise EngineUnavailable(self._failure)
+            self._stepping += 1
+            version = self._version
+        try:
+            yield version
+        finally:
+            with self._cond:
+                self._stepping -= 1
+                self._cond.notify_all()
+
+    def install(self, version: int, rebind: Callable[[], None]) -> None:
+        with self._cond:
+            self._installs_waiting += 1
+            try:
+                self._cond.wait_for(lambda: not self._installing and self._stepping == 0)
+            finally:
+                self._installs_waiting -= 1
+            self._installing = True
+        try:
+            rebind()
+        except BaseException as e:
+            self._failure = f"weight install of version {version} failed: {e}"
+            raise
+        else:
+            self._version = version
+        finally:
+            with self._cond:
+                self._installing = False
+                self._cond.notify_all()
+
+
 @dataclass
 class RowOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    versions: list[int] = field(default_factory=list)  # the policy version that sampled each token
     finish_reason: FinishReason = "length"
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
@@ -95,13 +160,17 @@ def sample_rows(
     top_p: float,
     stop_token_ids: list[int],
     return_top_k: int = 0,
+    gate: WeightsGate | None = None,
 ) -> list[RowOutput]:
     """Decode one completion per row; row r continues prompts[row_prompt[r]] using generators[r].
 
     Behaviour logprobs are log_softmax(logits) at temperature 1 over the full vocabulary (what an
     importance ratio needs), whatever temperature/top_p the sampling used. A stop token ends its row and
-    is included in its token_ids.
+    is included in its token_ids. Every forward runs under `gate.step()` (weights may be installed between
+    two forwards); a token is labelled with the version of the forward whose logits sampled it, and the
+    first forward under a new version re-prefills the whole context instead of extending the cache.
     """
+    gate = gate if gate is not None else WeightsGate()
     device = model.device
     lengths = [len(p) for p in prompts]
     U, L = len(prompts), max(lengths)
@@ -114,14 +183,16 @@ def sample_rows(
         mask_U_L[i, L - len(p) :] = 1
     ids_U_L, mask_U_L = ids_U_L.to(device), mask_U_L.to(device)
     pos_U_L = (mask_U_L.cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only
-    out = model(
-        input_ids=ids_U_L, attention_mask=mask_U_L, position_ids=pos_U_L, use_cache=True, logits_to_keep=1
-    )
-    # prefill each distinct prompt once, then give every sample row its own copy of the cache
-    sel_B = torch.tensor(row_prompt, device=device)
-    cache = out.past_key_values
-    cache.batch_select_indices(sel_B)
-    logits_B_V = out.logits[:, -1].float()[sel_B]
+    with gate.step() as version:
+        out = model(
+            input_ids=ids_U_L, attention_mask=mask_U_L, position_ids=pos_U_L, use_cache=True, logits_to_keep=1
+        )
+        cache_version = version  # the weights that computed the cache and logits_B_V
+        # prefill each distinct prompt once, then give every sample row its own copy of the cache
+        sel_B = torch.tensor(row_prompt, device=device)
+        cache = out.past_key_values
+        cache.batch_select_indices(sel_B)
+        logits_B_V = out.logits[:, -1].float()[sel_B]
     mask_B_L = mask_U_L[sel_B]
     next_pos_B = pos_U_L[sel_B, -1] + 1
 
@@ -142,6 +213,7 @@ def sample_rows(
             row = rows[r]
             row.token_ids.append(tok_list[b])
             row.logprobs.append(lp_list[b])
+            row.versions.append(cache_version)
             if return_top_k:
                 row.top_ids.append(top_ids[b])
                 row.top_logprobs.append(top_lps[b])
@@ -154,27 +226,47 @@ def sample_rows(
         if len(keep) < len(active):  # drop finished rows so the tail of long samples decodes cheaply
             idx = torch.tensor(keep, device=device)
             cache.batch_select_indices(idx)
-            mask_B_L, next_pos_B, tok_B = mask_B_L[idx], next_pos_B[idx], tok_B[idx]
+            mask_B_L, next_pos_B, tok_B, sel_B = mask_B_L[idx], next_pos_B[idx], tok_B[idx], sel_B[idx]
             active = [active[b] for b in keep]
         mask_B_L = torch.cat([mask_B_L, mask_B_L.new_ones((len(active), 1))], dim=1)
-        out = model(
-            input_ids=tok_B[:, None],
-            attention_mask=mask_B_L,
-            position_ids=next_pos_B[:, None],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        logits_B_V = out.logits[:, -1].float()
+        with gate.step() as version:
+            if version == cache_version:
+                out = model(
+                    input_ids=tok_B[:, None],
+                    attention_mask=mask_B_L,
+                    position_ids=next_pos_B[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+            else:  # new weights since the last forward: recompute the whole context's cache under them
+                del cache, out
+                sampled_B_S = torch.tensor([rows[r].token_ids for r in active], device=device)
+                ids_B_T = torch.cat([ids_U_L[sel_B], sampled_B_S], dim=1)
+                pos_B_T = (mask_B_L.cumsum(-1) - 1).clamp(min=0)
+                out = model(
+                    input_ids=ids_B_T,
+                    attention_mask=mask_B_L,
+                    position_ids=pos_B_T,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                cache_version = version
+            cache = out.past_key_values
+            logits_B_V = out.logits[:, -1].float()
         next_pos_B = next_pos_B + 1
     return rows
 
 
 def sample_groups(
-    model: PreTrainedModel, prompt_ids: list[list[int]], params: GenerateParams, max_batch_size: int
+    model: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    params: GenerateParams,
+    max_batch_size: int,
+    gate: WeightsGate | None = None,
 ) -> list[Sample]:
     """`params.n` samples of every prompt, decoded `max_batch_size` rows at a time (each distinct prompt of
     a batch prefilled once). Row (i, j) draws from its own generator seeded with row_seed(seed, i, j), so a
-    sample does not depend on how the rows were batched."""
+    sample does not depend on how the rows were batched. Without a gate every sample is version 0."""
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(params.n)]
     samples: list[Sample] = []
     for start in range(0, len(rows), max_batch_size):
@@ -191,6 +283,7 @@ def sample_groups(
             top_p=params.top_p,
             stop_token_ids=params.stop_token_ids,
             return_top_k=params.return_top_k,
+            gate=gate,
         )
         for (i, _), row in zip(chunk, outputs, strict=True):
             samples.append(
@@ -199,6 +292,8 @@ def sample_groups(
                     token_ids=row.token_ids,
                     logprobs=row.logprobs,
                     finish_reason=row.finish_reason,
+                    first_token_version=row.versions[0],
+                    last_token_version=row.versions[-1],
                     top_ids=row.top_ids if params.return_top_k else None,
                     top_logprobs=row.top_logprobs if params.return_top_k else None,
                 )
@@ -215,7 +310,8 @@ class HFEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         # name -> the live Parameter/buffer object itself (tied names map to the same object)
         self._targets = model.state_dict(keep_vars=True)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")  # generation
+        self._gate = WeightsGate(self.version)  # installs land between two forwards of a generation
 
     @classmethod
     async def create(cls, cfg: RolloutConfig) -> HFEngine:
@@ -252,23 +348,28 @@ class HFEngine(RolloutEngine):
         return await loop.run_in_executor(self._pool, self._generate_sync, prompt_ids, params)
 
     def _generate_sync(self, prompt_ids: list[list[int]], params: GenerateParams) -> list[Sample]:
-        return sample_groups(self.model, prompt_ids, params, self.max_batch_size)
+        return sample_groups(self.model, prompt_ids, params, self.max_batch_size, self._gate)
 
     def _prepare(self, staged: StagedWeights) -> None:
-        # fresh, writable tensors on the model's device, made before the write lock (the parsed tensors
+        # fresh, writable tensors on the model's device, made before the update lock (the parsed tensors
         # alias read-only request bytes): the swap itself is then only pointer assignments
         device = self.model.device
         move = owned_copy if device.type == "cpu" else lambda t: t.to(device)
         staged.tensors = {name: move(staged.tensors[name]) for name in self.schema.specs}
 
     async def _install(self, staged: StagedWeights) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._install_sync, staged)
+        # not on the generation thread, which may be busy for minutes: the gate waits for one forward
+        await asyncio.to_thread(self._install_sync, staged)
+
+    def _install_sync(self, staged: StagedWeights) -> None:
+        self._gate.install(staged.version, lambda: self._rebind(staged))
 
     @torch.inference_mode()
-    def _install_sync(self, staged: StagedWeights) -> None:
+    def _rebind(self, staged: StagedWeights) -> None:
         # validated (every spec present, right shape and dtype) and already on the device: rebinding the
-        # data of each live parameter cannot fail halfway; tied aliases share the spec's Parameter object
+        # data of each live parameter cannot fail halfway; tied aliases share the spec's Parameter object.
+        # On an accelerator the previous forward's kernels may still be queued: they read the old tensors,
+        # whose memory the caching allocator reuses only for work queued after them on the same stream.
         for name in self.schema.specs:
             self._targets[name].data = staged.tensors[name]
 

@@ -51,16 +51,24 @@ FinishReason = Literal["stop", "length"]
 
 
 class Sample(BaseModel):
+    """One completion. A weight update does not wait for generations in flight: it applies at their next
+    decoding step, so a sample's tokens may come from two or more versions (versions only increase along
+    a sample). Each token's logprob is from the weights that sampled it."""
+
     prompt_index: int
     token_ids: list[int]
     logprobs: list[float] = Field(description="behaviour log pi(y_t | c_t), full vocabulary, temperature 1")
     finish_reason: FinishReason
+    first_token_version: int = Field(description="policy version that sampled token_ids[0] (the oldest)")
+    last_token_version: int = Field(description="policy version that sampled token_ids[-1] (the newest)")
     top_ids: list[list[int]] | None = None
     top_logprobs: list[list[float]] | None = None
 
 
 class GenerateResponse(BaseModel):
-    policy_version: int
+    policy_version: int = Field(
+        description="the oldest version any returned token was sampled under: min of first_token_version"
+    )
     prompt_ids: list[list[int]] = Field(description="the tokenised prompts, in request order")
     samples: list[Sample]
 

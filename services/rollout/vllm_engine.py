@@ -6,9 +6,15 @@
 - Stopping: `ignore_eos=True` plus explicit `stop_token_ids` (default: the model's eos ids), so both
   backends stop on exactly the same ids; vLLM keeps the stop token in the output, like the hf loop.
 - Top-p: vLLM keeps tokens whose mass before them (in descending order) is < p, the same nucleus.
-- Weight swaps run under the engine's write lock (no request in flight), with the scheduler paused and
-  the prefix cache cleared (its KV entries were computed by the old weights), through the worker
-  extension in `vllm_ext.py` (`reload_weights` from safetensors files).
+- Weight swaps do not drain: `pause_generation(mode="keep", clear_cache=True)` freezes the requests in
+  flight between two steps and drops every KV entry (prefix cache and the running requests' own, which
+  are preempted: the old weights computed them); the worker extension in `vllm_ext.py` reloads the
+  weights (`reload_weights` from safetensors files); vLLM's weight-version label is set to the new
+  version; generation resumes, re-prefilling each frozen request's prompt and tokens so far under the
+  new weights. vLLM labels every step's output with the label current then, and a finished completion
+  carries its spans (`CompletionOutput.weight_versions`): they give each sample's first and last token
+  versions. `clear_cache=False` would keep old-weight KV blocks in the prefix cache, where requests
+  started after the swap would hit them; the cost of True is one re-prefill per request in flight.
 
 The engine spawns processes: create it only in a process started with a `__main__` guard
 (`python -m launcher.cli rollout serve --backend vllm`), never at import time of a test module.
@@ -101,11 +107,19 @@ class VLLMEngine(RolloutEngine):
     @classmethod
     async def create(cls, cfg: RolloutConfig) -> VLLMEngine:
         # engine creation blocks for a while (process spawn, profiling): keep the event loop answering
-        return await asyncio.to_thread(cls.load, cfg)
+        engine = await asyncio.to_thread(cls.load, cfg)
+        try:
+            # every output is labelled with this (vLLM's default label is "default")
+            await engine.llm.update_weight_version(str(engine.version))
+        except BaseException:
+            await engine.close()
+            raise
+        return engine
 
     @classmethod
     def load(cls, cfg: RolloutConfig) -> VLLMEngine:
         from vllm import AsyncEngineArgs
+        from vllm.platforms import current_platform
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = AsyncEngineArgs(
@@ -117,6 +131,11 @@ class VLLMEngine(RolloutEngine):
             max_model_len=cfg.max_model_len or None,  # type: ignore[arg-type]
             gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
             max_num_seqs=cfg.max_batch_size,
+            # vLLM's CPU worker cannot rewind a seeded request's generator after a partial (chunked)
+            # prefill ("CPU Generator does not use offset": the rewind is CUDA-only), and a swap re-prefills
+            # every request in flight at once, which chunks as soon as they exceed one step's token budget:
+            # on CPU prefills are scheduled whole. None elsewhere: vLLM's default (chunked).
+            enable_chunked_prefill=False if current_platform.is_cpu() else None,
             enforce_eager=cfg.vllm_enforce_eager,
             logprobs_mode="raw_logprobs",
             max_logprobs=MAX_TOP_K,
@@ -204,6 +223,8 @@ class VLLMEngine(RolloutEngine):
     def _sample(prompt_index: int, c, top_k: int) -> Sample:
         if c.finish_reason not in ("stop", "length"):
             raise EngineUnavailable(f"prompt {prompt_index}: generation ended with {c.finish_reason!r}")
+        if not c.weight_versions:  # we label every version (create, _install): a missing label is a bug
+            raise EngineUnavailable(f"prompt {prompt_index}: vLLM returned no weight-version spans")
         token_ids = list(c.token_ids)
         logprobs, top_ids, top_lps = [], [], []
         for tok, position in zip(token_ids, c.logprobs, strict=True):
@@ -218,6 +239,8 @@ class VLLMEngine(RolloutEngine):
             token_ids=token_ids,
             logprobs=logprobs,
             finish_reason=c.finish_reason,
+            first_token_version=int(c.weight_versions[0].version),
+            last_token_version=int(c.weight_versions[-1].version),
             top_ids=top_ids if top_k else None,
             top_logprobs=top_lps if top_k else None,
         )
@@ -229,14 +252,24 @@ class VLLMEngine(RolloutEngine):
             with os.fdopen(fd, "wb") as fh:
                 fh.write(staged.body)
             staged.temp_files.append(Path(tmp))
+        elif not staged.files and staged.tensors:
+            # received tensors (a streamed PUT, put_tensors): written once as a file, likewise
+            from services.rollout.weights_stream import write_safetensors
+
+            fd, tmp = tempfile.mkstemp(suffix=".safetensors")
+            os.close(fd)
+            staged.temp_files.append(Path(tmp))
+            write_safetensors(tmp, staged.tensors)
         staged.tensors = {}  # validated and hashed: the worker reads the files, the server needs no copy
 
     async def _install(self, staged: StagedWeights) -> None:
         paths = [str(p) for p in (staged.temp_files or staged.files)]
-        await self.llm.pause_generation(mode="wait", clear_cache=True)
+        # freeze requests in flight between steps (no drain) and drop all KV (see the module docstring)
+        await self.llm.pause_generation(mode="keep", clear_cache=True)
         try:
             await self.llm.collective_rpc("opd_reload_safetensors", args=(paths,))
-            await self.llm.reset_prefix_cache()
+            # while paused: every token sampled from here on is labelled with the new version
+            await self.llm.update_weight_version(str(staged.version))
         finally:
             await self.llm.resume_generation()
 

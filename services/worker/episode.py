@@ -25,8 +25,9 @@ Transcript (one sequence per episode; `>` opens every turn):
 - Sampling seeds: turn t uses the request seed `request_seed(sample_seed, t, 0)` and episode i is prompt i of
   that request (the rollout service seeds each prompt's row separately), so the G episodes differ and the
   same settings reproduce the same episodes.
-- The record's policy_version is the oldest version among the episode's turns (the weights may change
-  between turns; staleness is judged by the oldest); reward = 1.0 on success, else 0.0; finish_reason is
+- The record's policy_version is the oldest version of any action token of its episodes (the weights may
+  change between turns and within one: the rollout service swaps without draining; staleness is judged by
+  the oldest); reward = 1.0 on success, else 0.0; finish_reason is
   "stop" when the environment ended the episode, "length" when the turn or context limit did.
 """
 
@@ -98,7 +99,7 @@ class Episode:
     env_positions: list[int] = field(default_factory=list)
     actions: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each action
     texts: list[str] = field(default_factory=list)  # each action's text as the environment read it
-    versions: list[int] = field(default_factory=list)  # policy version of each action
+    versions: list[tuple[int, int]] = field(default_factory=list)  # (first, last) token version per action
     done: bool = False  # the environment ended the episode
     success: bool = False
     cut: bool = False  # the context limit ended it
@@ -158,7 +159,7 @@ def play(
             if sorted(s.prompt_index for s in response.samples) != list(range(len(chunk))):
                 raise ValueError(f"rollout answered {len(response.samples)} samples for {len(chunk)} prompts")
             for s in response.samples:
-                _act(chunk[s.prompt_index], s, response.policy_version, tokenizer, last=turn == max_turns - 1)
+                _act(chunk[s.prompt_index], s, tokenizer, last=turn == max_turns - 1)
 
 
 def _drop_trailing_reply(e: Episode) -> None:
@@ -168,13 +169,13 @@ def _drop_trailing_reply(e: Episode) -> None:
     e.env_positions = [t for t in e.env_positions if t < end]
 
 
-def _act(e: Episode, s: Sample, version: int, tokenizer: Any, last: bool) -> None:
+def _act(e: Episode, s: Sample, tokenizer: Any, last: bool) -> None:
     """Append one sampled action, step the environment with its text, append the reply unless it ended."""
     start = len(e.ids)
     e.ids += s.token_ids
     e.logprobs += s.logprobs
     e.actions.append((start, len(e.ids)))
-    e.versions.append(version)
+    e.versions.append((s.first_token_version, s.last_token_version))
     text = completion_text(tokenizer, s.token_ids)
     e.texts.append(text)
     result = e.env.step(text)
@@ -269,7 +270,7 @@ def run_episodes(
     vocab = len(tokenizer)
     teacher_rows = [_teacher_rows(e, spans, k, vocab) for e, spans in zip(episodes, per_episode, strict=True)]
     response = GenerateResponse(
-        policy_version=min(v for e in episodes for v in e.versions),
+        policy_version=min(first for e in episodes for first, _ in e.versions),
         prompt_ids=[prompt_ids],
         samples=[
             Sample(
@@ -277,6 +278,8 @@ def run_episodes(
                 token_ids=e.ids,
                 logprobs=e.logprobs,
                 finish_reason="stop" if e.done else "length",
+                first_token_version=e.versions[0][0],  # versions only increase along an episode
+                last_token_version=e.versions[-1][1],
             )
             for e in episodes
         ],

@@ -41,6 +41,10 @@ def build_record(
     ids/logprobs [L, K] and target logprobs [L]; with `with_candidates` the behaviour top ids [L, C] are
     the teacher's candidates and their teacher logprobs [L, C] are stored beside them. `candidate_ids`
     (one [L, C] per sample, e.g. with alias ids) replaces the behaviour top ids as the stored candidates.
+
+    The record's policy_version is the oldest version that sampled any of its tokens (the samples' first
+    token versions): the rollout service swaps weights without draining, so one sample can span versions,
+    and the trainer's staleness rule must judge a record by its oldest token.
     """
     samples = scorable(response)
     if len(scored) != len(samples):
@@ -95,7 +99,7 @@ def build_record(
         )
     return ExperienceRecord(
         record_id=record_id,
-        policy_version=response.policy_version,
+        policy_version=min((s.first_token_version for s in samples), default=response.policy_version),
         prompt_ids=np.asarray(response.prompt_ids[0], dtype=np.int32),
         samples=out,
         task=task,

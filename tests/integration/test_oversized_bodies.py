@@ -1,6 +1,8 @@
 """Oversized HTTP bodies against the real `opd rollout serve` process: a 100+ MB declared body and 150 MB
 streamed (chunked) bodies are refused with 413 and a reason, without the server buffering them (its RSS
-grows by far less than the body), and the server answers normally afterwards."""
+grows by far less than the body), and the server answers normally afterwards. (A streamed weight body
+whose safetensors header itself declares too much is refused before its data: tests/integration/
+test_weights_stream.py.)"""
 
 from __future__ import annotations
 
@@ -79,6 +81,8 @@ def stream_until_answered(port: int, method: str, path: str, total: int) -> tupl
     headers = {"Authorization": f"Bearer {TOKEN}", "Transfer-Encoding": "chunked"}
     headers["Content-Type"] = "application/json" if method == "POST" else "application/octet-stream"
     sock.sendall(request_head(method, path, headers))
+    if method == "PUT":  # a safetensors body announcing a 64 MiB header: the server reads it (to the limit)
+        sock.sendall(b"8\r\n" + (64 * MiB).to_bytes(8, "little") + b"\r\n")
     piece = b"[" + b"1," * (MiB // 2 - 1) + b"1"  # ~1 MiB of a JSON array that never closes
     chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
     sent = 0

@@ -1,10 +1,12 @@
-"""Rollout service, hf backend, over real HTTP: versioned weight updates, atomic swaps, refused updates."""
+"""Rollout service, hf backend, over real HTTP: versioned weight updates, swaps that land between decoding
+steps of the generations in flight (without draining them), refused updates."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import threading
+import time
 
 import httpx
 import pytest
@@ -17,7 +19,8 @@ from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import state_sha256
-from services.rollout.protocol import GenerateRequest
+from services.rollout.hf_engine import HFEngine, WeightsGate
+from services.rollout.protocol import GenerateRequest, Sample
 from services.rollout.server import running_server
 
 pytestmark = pytest.mark.integration
@@ -48,6 +51,36 @@ def greedy_of(model) -> list[list[int]]:
             seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
         out.append(seq[len(p) :])
     return out
+
+
+@torch.no_grad()
+def recomputed_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log pi(y_t | c_t) of `model` over the whole prefix, from one forward pass without a cache: [L]."""
+    seq = torch.tensor([prompt + completion])
+    logp_L_V = torch.log_softmax(model(seq).logits[0].float(), -1)[len(prompt) - 1 : -1]
+    return logp_L_V.gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def sampled_by(sample: Sample, prompt: list[int], candidates: dict) -> list[str]:
+    """For each token, the candidate model whose log-softmax over the whole prefix equals its behaviour
+    logprob (the weights that sampled it); "" where both do."""
+    got = torch.tensor(sample.logprobs)
+    match = {
+        name: (got - recomputed_logprobs(m, prompt, sample.token_ids)).abs() < 1e-4
+        for name, m in candidates.items()
+    }
+    labels = []
+    for t in range(len(got)):
+        names = [name for name, ok in match.items() if ok[t]]
+        assert names, f"token {t}: behaviour logprob matches neither model"
+        labels.append(names[0] if len(names) == 1 else "")  # "": both agree there (e.g. a near-sure token)
+    return labels
+
+
+def runs(labels: list[str]) -> list[str]:
+    """The sequence of distinct models along the sample (tokens both models explain are skipped)."""
+    known = [x for x in labels if x]
+    return [x for i, x in enumerate(known) if i == 0 or known[i - 1] != x]
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +175,9 @@ def test_refused_updates_leave_the_old_weights_serving(server, models, tmp_path)
     save_file(missing, str(tmp_path / "partial.safetensors"))
     refused(lambda: client.load_weights(str(tmp_path / "partial.safetensors"), 6), 422, "missing 1 tensor(s)")
     refused(lambda: client.load_weights(str(tmp_path / "nothing-here"), 6), 422, "not a file or directory")
-    # a chunked body (no Content-Length) is cut off at the limit too
-    chunks = (b"\0" * 4096 for _ in range(200))
+    # a chunked body (no Content-Length) is cut off at the limit too: here a header of 1 MiB (garbage
+    # zeros after its length would be refused at once, 422, as an unparsable header)
+    chunks = iter([(1 << 20).to_bytes(8, "little"), *(b" " * 4096 for _ in range(200))])
     resp = httpx.put(
         url + "/v1/weights",
         params={"version": 6},
@@ -170,20 +204,22 @@ def test_weight_updates_need_a_configured_token_unless_insecure(models):
 
 
 def test_concurrent_generation_never_sees_a_mix(server, models):
-    """Generate from several threads while the weights flip between A and B: each response must equal A's
-    or B's greedy output entirely, and the one its policy_version names."""
+    """Generate from several threads while the weights flip between A and B. Swaps land between decoding
+    steps, so a sample may span versions: a sample whose first and last tokens have one version equals that
+    version's greedy output entirely; in one that spans versions every token was sampled by A or by B over
+    its whole prefix (never by a mix), starting with its first token's version's weights and ending with its
+    last's. The response's policy_version is the oldest first-token version."""
     _, client = server
     body = {"a": state_dict_to_safetensors(models["sd_a"]), "b": state_dict_to_safetensors(models["sd_b"])}
     weights_of = {0: "a"}
-    seen: list[tuple[int, list[list[int]]]] = []
+    seen: list = []
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def hammer() -> None:
         try:
             while not stop.is_set():
-                resp = client.generate(GREEDY)
-                seen.append((resp.policy_version, outputs(resp)))
+                seen.append(client.generate(GREEDY))
         except BaseException as e:  # surfaced in the main thread
             errors.append(e)
             raise
@@ -196,21 +232,85 @@ def test_concurrent_generation_never_sees_a_mix(server, models):
             name = "b" if version % 2 else "a"
             weights_of[version] = name
             client.put_weights(body[name], version)
-            while sum(1 for v, _ in seen if v == version) < 1 and not errors:  # let requests run on it
+            while not any(r.samples[-1].first_token_version == version for r in seen) and not errors:
                 threading.Event().wait(0.01)
     finally:
         stop.set()
         for t in threads:
             t.join(60)
     assert not errors, errors
-    assert {v for v, _ in seen} >= set(range(1, 9))
-    for version, out in seen:
-        assert out == models[f"greedy_{weights_of[version]}"], f"version {version} served a mix"
+    assert {s.first_token_version for r in seen for s in r.samples} >= set(range(1, 9))
+    candidates = {"a": models["a"], "b": models["b"]}
+    for resp in seen:
+        assert resp.policy_version == min(s.first_token_version for s in resp.samples)
+        for s in resp.samples:
+            first, last = s.first_token_version, s.last_token_version
+            assert first <= last
+            if first == last:
+                want = models[f"greedy_{weights_of[first]}"][s.prompt_index]
+                assert s.token_ids == want, f"version {first} served a mix"
+                continue
+            changes = runs(sampled_by(s, PROMPTS[s.prompt_index], candidates))
+            assert changes[0] == weights_of[first] and changes[-1] == weights_of[last], (first, last, changes)
+            assert len(changes) - 1 <= last - first, (first, last, changes)
+
+
+class SlowGate(WeightsGate):
+    """Decoding slowed by `delay_s` per forward, slept outside the gate (an install does not wait for it)."""
+
+    def __init__(self, version: int, delay_s: float) -> None:
+        super().__init__(version)
+        self.delay_s, self.started = delay_s, threading.Event()
+
+    def step(self):
+        self.started.set()
+        time.sleep(self.delay_s)
+        return super().step()
+
+
+def test_a_push_lands_mid_generation_without_waiting_for_it(models):
+    """A long generation (500 new tokens, slowed to ~2.5 s) is in flight when new weights are pushed: the
+    push returns long before the generation ends; the generation continues under the new weights from its
+    next decoding step; its samples start at version 0 and end at version 1, each token's behaviour logprob
+    is the log-softmax of the weights that sampled it (A, then B, over the whole prefix); the response's
+    policy_version is the oldest, 0."""
+    cfg = RolloutConfig(model=str(models["root"] / "a"), port=0, token=TOKEN)
+    engine = HFEngine.load(cfg)
+    engine._gate = gate = SlowGate(engine.version, delay_s=0.005)
+    body = state_dict_to_safetensors(models["sd_b"])
+    request = GenerateRequest(
+        prompts=[PROMPTS[0]], n=2, max_new_tokens=500, top_p=0.9, seed=3, stop_token_ids=[]
+    )
+    result: dict = {}
+    with running_server(build_app(cfg, engine=engine)) as url, RolloutClient(url, token=TOKEN) as client:
+
+        def generate() -> None:
+            result["response"] = client.generate(request)
+            result["done"] = time.monotonic()
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        assert gate.started.wait(30)
+        time.sleep(0.3)
+        start = time.monotonic()
+        info = client.put_weights(body, version=1)
+        pushed = time.monotonic()
+        thread.join(120)
+        assert client.generate(GREEDY).policy_version == 1
+    asyncio.run(engine.close())
+    assert info.version == 1
+    assert pushed - start < 1.0 and pushed < result["done"] - 1.0, (pushed - start, result["done"] - pushed)
+    resp = result["response"]
+    assert resp.policy_version == 0
+    for s in resp.samples:
+        assert (s.first_token_version, s.last_token_version) == (0, 1)
+        assert len(s.token_ids) == 500
+        labels = sampled_by(s, PROMPTS[0], {"a": models["a"], "b": models["b"]})
+        assert runs(labels) == ["a", "b"]
+        assert 20 < labels.index("b") < 450  # the swap landed mid-way
 
 
 def test_a_failed_install_stops_serving_instead_of_serving_a_mix(models, monkeypatch):
-    from services.rollout.hf_engine import HFEngine
-
     cfg = RolloutConfig(model=str(models["root"] / "a"), port=0, token=TOKEN)
     engine = HFEngine.load(cfg)
 

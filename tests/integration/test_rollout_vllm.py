@@ -1,5 +1,6 @@
 """Rollout service, vllm backend, as a real `opd rollout serve` subprocess: same sampling semantics as hf
-(greedy outputs, behaviour logprobs, nucleus, seeds, stops) and weight swaps through the worker extension.
+(greedy outputs, behaviour logprobs, nucleus, seeds, stops) and weight swaps through the worker extension,
+which land between decoding steps of the generations in flight (paused with mode="keep", not drained).
 
 One engine for the module (vLLM on CPU takes tens of seconds to start). Tests that change the weights put
 weights A back (at a higher version) before they end.
@@ -24,7 +25,7 @@ from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.engine import state_sha256
 from services.rollout.hf_engine import sample_rows
-from services.rollout.protocol import GenerateRequest
+from services.rollout.protocol import GenerateRequest, Sample
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]
@@ -58,6 +59,36 @@ def hf_greedy(model) -> list[list[int]]:
         stop_token_ids=[],
     )
     return [r.token_ids for r in rows]
+
+
+@torch.no_grad()
+def recomputed_logprobs(model, prompt: list[int], completion: list[int]) -> torch.Tensor:
+    """log pi(y_t | c_t) of `model` over the whole prefix, from one forward pass without a cache: [L]."""
+    seq = torch.tensor([prompt + completion])
+    logp_L_V = torch.log_softmax(model(seq).logits[0].float(), -1)[len(prompt) - 1 : -1]
+    return logp_L_V.gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def sampled_by(sample: Sample, prompt: list[int], candidates: dict) -> list[str]:
+    """For each token, the candidate (hf) model whose log-softmax over the whole prefix equals its
+    behaviour logprob, to vLLM's CPU kernels' precision (the models differ by far more); "" where both do."""
+    got = torch.tensor(sample.logprobs)
+    match = {
+        name: (got - recomputed_logprobs(m, prompt, sample.token_ids)).abs() < 2e-3
+        for name, m in candidates.items()
+    }
+    labels = []
+    for t in range(len(got)):
+        names = [name for name, ok in match.items() if ok[t]]
+        assert names, f"token {t}: behaviour logprob matches neither model"
+        labels.append(names[0] if len(names) == 1 else "")  # "": both agree there (e.g. a near-sure token)
+    return labels
+
+
+def runs(labels: list[str]) -> list[str]:
+    """The sequence of distinct models along the sample (tokens both models explain are skipped)."""
+    known = [x for x in labels if x]
+    return [x for i, x in enumerate(known) if i == 0 or known[i - 1] != x]
 
 
 def outputs(resp) -> list[list[int]]:
@@ -204,19 +235,21 @@ def test_weight_swap_serves_the_new_model_and_refusals_change_nothing(stack):
 
 
 def test_concurrent_generation_never_sees_a_mix(stack):
+    """Swaps land between decoding steps: a sample with one version is that version's greedy output; one
+    spanning versions was sampled token by token by A or B over the whole prefix (vLLM drops the KV cache
+    at the swap), starting with its first token's version's weights and ending with its last's."""
     client = stack["client"]
     bodies = {"a": state_dict_to_safetensors(stack["sd_a"]), "b": state_dict_to_safetensors(stack["sd_b"])}
     start = client.weights().version
     weights_of = {start: "a"}
-    seen: list[tuple[int, list[list[int]]]] = []
+    seen: list = []
     errors: list[BaseException] = []
     stop = threading.Event()
 
     def hammer() -> None:
         try:
             while not stop.is_set():
-                resp = client.generate(GREEDY)
-                seen.append((resp.policy_version, outputs(resp)))
+                seen.append(client.generate(GREEDY))
         except BaseException as e:
             errors.append(e)
             raise
@@ -230,14 +263,68 @@ def test_concurrent_generation_never_sees_a_mix(stack):
             weights_of[version] = name
             client.put_weights(bodies[name], version)
             deadline = time.monotonic() + 30
-            while not any(v == version for v, _ in seen) and not errors and time.monotonic() < deadline:
+            while (
+                not any(r.samples[-1].first_token_version == version for r in seen)
+                and not errors
+                and time.monotonic() < deadline
+            ):
                 time.sleep(0.01)
     finally:
         stop.set()
         for t in threads:
             t.join(120)
     assert not errors, errors
-    assert {v for v, _ in seen} >= set(range(start + 1, start + 7))
-    for version, out in seen:
-        assert out == stack[f"greedy_{weights_of[version]}"], f"version {version} served a mix"
+    assert {s.first_token_version for r in seen for s in r.samples} >= set(range(start + 1, start + 7))
+    candidates = {"a": stack["a"], "b": stack["b"]}
+    for resp in seen:
+        assert resp.policy_version == min(s.first_token_version for s in resp.samples)
+        for s in resp.samples:
+            first, last = s.first_token_version, s.last_token_version
+            assert first <= last
+            if first == last:
+                want = stack[f"greedy_{weights_of[first]}"][s.prompt_index]
+                assert s.token_ids == want, f"version {first} served a mix"
+                continue
+            changes = runs(sampled_by(s, PROMPTS[s.prompt_index], candidates))
+            assert changes[0] == weights_of[first] and changes[-1] == weights_of[last], (first, last, changes)
+            assert len(changes) - 1 <= last - first, (first, last, changes)
+    restore_a(stack)
+
+
+def test_a_push_lands_mid_generation_without_waiting_for_it(stack):
+    """Long generations (96 samples of 240 new tokens) are in flight when B is pushed: the push returns
+    before they end; they continue under B; samples in flight start at the old version and end at the new
+    one, each token's logprob being A's then B's log-softmax over its whole prefix (one change); the
+    response says the old version."""
+    client = stack["client"]
+    v = client.weights().version
+    body_b = state_dict_to_safetensors(stack["sd_b"])
+    request = GenerateRequest(prompts=PROMPTS, n=32, max_new_tokens=240, top_p=0.9, seed=5, stop_token_ids=[])
+    result: dict = {}
+
+    def generate() -> None:
+        result["response"] = client.generate(request)
+        result["done"] = time.monotonic()
+
+    thread = threading.Thread(target=generate)
+    start = time.monotonic()
+    thread.start()
+    time.sleep(0.2)
+    client.put_weights(body_b, v + 1)
+    pushed = time.monotonic()
+    thread.join(120)
+    assert pushed < result["done"], (pushed - start, result["done"] - start)
+    resp = result["response"]
+    assert resp.policy_version == v
+    candidates = {"a": stack["a"], "b": stack["b"]}
+    weights_of = {v: "a", v + 1: "b"}
+    spans = [(s.first_token_version, s.last_token_version) for s in resp.samples]
+    assert (v, v + 1) in spans and set(spans) <= {
+        (v, v),
+        (v, v + 1),
+        (v + 1, v + 1),
+    }  # a prompt may start late
+    for s, (first, last) in zip(resp.samples, spans, strict=True):
+        changes = runs(sampled_by(s, PROMPTS[s.prompt_index], candidates))
+        assert changes == list(dict.fromkeys([weights_of[first], weights_of[last]])), (first, last, changes)
     restore_a(stack)

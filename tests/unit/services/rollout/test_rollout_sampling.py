@@ -1,5 +1,6 @@
 """hf sampling loop: top-p against a reference written from the definition, the KV-cache loop against
-naive full-recompute decoding, behaviour logprobs, stop handling, batching independence."""
+naive full-recompute decoding, behaviour logprobs, stop handling, batching independence, a weight swap
+between two decoding steps."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
-from services.rollout.hf_engine import sample_rows, top_p_sample
+from services.rollout.engine import GenerateParams
+from services.rollout.hf_engine import WeightsGate, sample_groups, sample_rows, top_p_sample
 
 
 def reference_nucleus(logits: list[float], temperature: float, top_p: float) -> dict[int, float]:
@@ -193,3 +195,81 @@ def test_samples_depend_on_the_generator_not_on_the_batch(model):
     )
     assert mixed[1].token_ids == alone[0].token_ids
     assert mixed[3].token_ids != mixed[1].token_ids  # same prompt, other seed: a different sample
+
+
+class SwapAtStep(WeightsGate):
+    """A gate that installs `new_model`'s weights (as version 1) just before forward number `at` (0 = the
+    prefill): tokens 0..at-1 are then sampled by the old weights, tokens at.. by the new ones."""
+
+    def __init__(self, live_model, new_model, at: int) -> None:
+        super().__init__(version=0)
+        self.targets, self.new, self.at, self.forwards = (
+            live_model.state_dict(keep_vars=True),
+            new_model,
+            at,
+            0,
+        )
+
+    def step(self):
+        if self.forwards == self.at:
+            state = {k: v.detach().clone() for k, v in self.new.state_dict().items()}
+            self.install(1, lambda: [setattr(self.targets[k], "data", state[k]) for k in self.targets])
+        self.forwards += 1
+        return super().step()
+
+
+def peaked_llama(tmp_path, seed: int):
+    m = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / f"m{seed}", seed=seed)).eval()
+    with torch.no_grad():
+        m.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
+    return m
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1e-6), (0.7, 0.9)])
+def test_a_swap_mid_generation_labels_tokens_and_their_logprobs_by_the_weights_that_sampled_them(
+    tmp_path, temperature, top_p
+):
+    """Behaviour logprobs are the ones actually sampled from: before the swap log_softmax of the old model,
+    after it the new model's over the whole prefix (the step after a swap re-prefills, so no old-weight KV
+    entry feeds a new-version token). Rows of different prompt lengths and a row that stops early check
+    the re-prefill's padding and the batch compaction around it."""
+    old, new = peaked_llama(tmp_path, 3), peaked_llama(tmp_path, 4)
+    live = peaked_llama(tmp_path, 3)  # decodes; its weights are replaced mid-way
+    steps, at = 14, 6
+    greedy_first, _ = naive_greedy(old, PROMPTS[2], at)
+    rows = sample_rows(
+        live,
+        PROMPTS,
+        [0, 1, 2, 1],
+        [torch.Generator().manual_seed(i) for i in range(4)],
+        max_new_tokens=steps,
+        temperature=temperature,
+        top_p=top_p,
+        stop_token_ids=[greedy_first[2]] if top_p < 0.5 else [],  # greedy: row 2 stops before the swap
+        gate=SwapAtStep(live, new, at),
+    )
+    spanning = 0
+    for row, p in zip(rows, [0, 1, 2, 1], strict=True):
+        n = len(row.token_ids)
+        assert row.versions == [0] * min(n, at) + [1] * (n - at)
+        want_old = naive_logprobs(old, PROMPTS[p], row.token_ids)
+        want_new = naive_logprobs(new, PROMPTS[p], row.token_ids)
+        got = torch.tensor(row.logprobs)
+        torch.testing.assert_close(got[:at], want_old[:at], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got[at:], want_new[at:], atol=1e-4, rtol=0)
+        if n > at:
+            spanning += 1
+            assert (got[at:] - want_old[at:]).abs().max() > 1e-2  # the two models do differ there
+    assert spanning >= 3
+    if top_p < 0.5:
+        assert rows[2].finish_reason == "stop" and len(rows[2].token_ids) <= at
+
+
+def test_sample_groups_reports_first_and_last_token_versions(tmp_path):
+    old, new = peaked_llama(tmp_path, 3), peaked_llama(tmp_path, 4)
+    params = GenerateParams(
+        n=2, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=0, stop_token_ids=[], return_top_k=0
+    )
+    samples = sample_groups(old, PROMPTS, params, max_batch_size=4, gate=SwapAtStep(old, new, 3))
+    # rows 0-3 (prompts 0 and 1) decode in the first batch, across the swap; rows 4-5 after it
+    assert [(s.first_token_version, s.last_token_version) for s in samples] == [(0, 1)] * 4 + [(1, 1)] * 2

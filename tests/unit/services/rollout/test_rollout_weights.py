@@ -1,9 +1,12 @@
-"""Weight validation, hashing, parsing, the readers-writer lock, the client's serialisation, the config."""
+"""Weight validation, hashing, parsing, updates without draining (the engine's update lock, the hf gate),
+the client's serialisation, the config."""
 
 from __future__ import annotations
 
 import asyncio
 import io
+import threading
+import time
 
 import pytest
 import torch
@@ -15,7 +18,8 @@ from services.common.config import ConfigError, build_config
 from services.rollout.client import SafetensorsStream, state_dict_to_safetensors
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import (
-    AsyncRWLock,
+    EngineUnavailable,
+    RolloutEngine,
     WeightSchema,
     WeightsError,
     parse_safetensors,
@@ -24,6 +28,8 @@ from services.rollout.engine import (
     state_sha256,
     tensor_specs,
 )
+from services.rollout.hf_engine import WeightsGate
+from services.rollout.protocol import GenerateRequest, Sample
 
 
 def tiny_model(tie: bool = False) -> torch.nn.Module:
@@ -154,62 +160,164 @@ def test_row_seed_is_stable_and_distinct():
     assert all(0 <= s < 2**63 for s in seeds)
 
 
-def test_rw_lock_writer_waits_for_readers_and_holds_off_new_readers():
-    async def scenario() -> list[str]:
-        lock, events = AsyncRWLock(), []
-        first_in, release_first = asyncio.Event(), asyncio.Event()
+class FakeEngine(RolloutEngine):
+    """A backend whose generation waits on `release` and whose installs take `install_s` seconds."""
 
-        async def reader(name: str, hold: asyncio.Event | None = None) -> None:
-            async with lock.read():
-                events.append(f"{name}+")
-                if hold is not None:
-                    first_in.set()
-                    await hold.wait()
-                events.append(f"{name}-")
+    def __init__(self, install_s: float = 0.05) -> None:
+        model = torch.nn.Linear(2, 2)
+        schema = WeightSchema.of_module(model)
+        super().__init__(
+            tokenizer=None,
+            schema=schema,
+            sha256=state_sha256(model.state_dict(), schema.specs),
+            version=0,
+            vocab_size=10,
+            max_model_len=64,
+            eos_token_ids=[],
+            seed=0,
+        )
+        self.install_s, self.live, self.events = install_s, 0, []
+        self.release = asyncio.Event()
+        self.installed: list[int] = []
 
-        async def writer() -> None:
-            async with lock.write():
-                events.append("w+")
-                await asyncio.sleep(0.01)
-                events.append("w-")
+    async def _generate(self, prompt_ids, params):
+        first = self.live
+        self.events.append("generate+")
+        await self.release.wait()
+        self.events.append("generate-")
+        return [
+            Sample(
+                prompt_index=0,
+                token_ids=[1, 2],
+                logprobs=[-1.0, -1.0],
+                finish_reason="length",
+                first_token_version=first,
+                last_token_version=self.live,
+            )
+        ]
 
-        r1 = asyncio.create_task(reader("r1", release_first))
-        await first_in.wait()
-        w = asyncio.create_task(writer())
-        await asyncio.sleep(0.01)
-        r2 = asyncio.create_task(reader("r2"))  # arrives while the writer waits: must go after it
-        await asyncio.sleep(0.01)
-        assert events == ["r1+"]
-        release_first.set()
-        await asyncio.gather(r1, w, r2)
-        return events
+    def _prepare(self, staged):
+        pass
 
-    assert asyncio.run(scenario()) == ["r1+", "r1-", "w+", "w-", "r2+", "r2-"]
+    async def _install(self, staged):
+        self.events.append(f"install{staged.version}+")
+        await asyncio.sleep(self.install_s)
+        self.live = staged.version
+        self.installed.append(staged.version)
+        self.events.append(f"install{staged.version}-")
+
+    async def close(self):
+        pass
 
 
-def test_rw_lock_cancelled_writer_releases_waiting_readers():
+def weights() -> dict[str, torch.Tensor]:
+    return {"weight": torch.ones(2, 2), "bias": torch.zeros(2)}
+
+
+def test_an_update_does_not_wait_for_generation_in_flight():
     async def scenario() -> None:
-        lock = AsyncRWLock()
-        holding, release = asyncio.Event(), asyncio.Event()
-
-        async def long_reader() -> None:
-            async with lock.read():
-                holding.set()
-                await release.wait()
-
-        r1 = asyncio.create_task(long_reader())
-        await holding.wait()
-        w = asyncio.create_task(lock.write().__aenter__())
-        await asyncio.sleep(0.01)
-        w.cancel()
-        await asyncio.gather(w, return_exceptions=True)
-        async with asyncio.timeout(1):  # a new reader is not blocked by the cancelled writer
-            async with lock.read():
-                pass
-        release.set()
-        await r1
+        engine = FakeEngine()
+        gen = asyncio.create_task(engine.generate(GenerateRequest(prompts=[[1]], max_new_tokens=2)))
+        await asyncio.sleep(0.01)  # generating, and it will not finish until released
+        async with asyncio.timeout(2):
+            info = await engine.put_tensors(weights(), 1)
+        assert info.version == engine.version == 1
+        assert not gen.done()
+        engine.release.set()
+        resp = await gen
+        # the response's version is the oldest token's; the sample says where it ended
+        assert resp.policy_version == 0
+        assert (resp.samples[0].first_token_version, resp.samples[0].last_token_version) == (0, 1)
+        assert engine.events == ["generate+", "install1+", "install1-", "generate-"]
 
     asyncio.run(scenario())
+
+
+def test_concurrent_updates_serialise_and_only_higher_versions_install():
+    async def scenario() -> None:
+        engine = FakeEngine(install_s=0.2)
+        two = asyncio.create_task(engine.put_tensors(weights(), 2))
+        while "install2+" not in engine.events:
+            await asyncio.sleep(0.001)
+        results = await asyncio.gather(
+            two,
+            engine.put_tensors(weights(), 1),  # passes the first check while 2 installs; refused after
+            engine.put_tensors(weights(), 3),
+            return_exceptions=True,
+        )
+        assert [type(r).__name__ for r in results] == ["WeightInfo", "VersionConflict", "WeightInfo"]
+        assert engine.installed == [2, 3] and engine.version == 3
+        # installs never overlap
+        assert engine.events == ["install2+", "install2-", "install3+", "install3-"]
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_install_fails_the_generation_in_flight():
+    async def scenario() -> None:
+        engine = FakeEngine()
+
+        async def broken(staged):
+            raise RuntimeError("device lost")
+
+        engine._install = broken  # type: ignore[method-assign]
+        gen = asyncio.create_task(engine.generate(GenerateRequest(prompts=[[1]], max_new_tokens=2)))
+        await asyncio.sleep(0.01)
+        with pytest.raises(EngineUnavailable, match="device lost"):
+            await engine.put_tensors(weights(), 1)
+        engine.release.set()
+        with pytest.raises(EngineUnavailable, match="device lost"):  # its later tokens: unknown weights
+            await gen
+        assert not engine.ready
+
+    asyncio.run(scenario())
+
+
+def test_gate_install_waits_for_the_step_in_progress_and_goes_before_the_next():
+    gate, events = WeightsGate(version=4), []
+    in_step, finish_step = threading.Event(), threading.Event()
+
+    def first_step() -> None:
+        with gate.step() as v:
+            events.append(f"step{v}+")
+            in_step.set()
+            finish_step.wait(2)
+            events.append(f"step{v}-")
+
+    def second_step() -> None:
+        with gate.step() as v:
+            events.append(f"step{v}")
+
+    t1 = threading.Thread(target=first_step)
+    t1.start()
+    in_step.wait(2)
+    installer = threading.Thread(target=gate.install, args=(5, lambda: events.append("rebind")))
+    installer.start()
+    time.sleep(0.05)
+    t2 = threading.Thread(target=second_step)  # arrives while the install waits: must go after it
+    t2.start()
+    time.sleep(0.05)
+    assert events == ["step4+"]
+    finish_step.set()
+    for t in (t1, installer, t2):
+        t.join(2)
+    assert events == ["step4+", "step4-", "rebind", "step5"]
+    assert gate.version == 5
+
+
+def test_gate_installs_at_once_when_idle_and_a_failed_rebind_stops_later_steps():
+    gate = WeightsGate()
+    gate.install(1, lambda: None)  # no step in progress: returns at once
+    assert gate.version == 1
+
+    def broken() -> None:
+        raise RuntimeError("device lost")
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        gate.install(2, broken)
+    assert gate.version == 1
+    with pytest.raises(EngineUnavailable, match="version 2 failed: device lost"), gate.step():
+        pass
 
 
 def test_config_validation_and_token_resolution(tmp_path, monkeypatch):

@@ -28,19 +28,24 @@ from services.worker.retry import classify_error
 K, C = 4, 3
 
 
-def make_response(rng, lengths=(3, 0, 5), top=False) -> GenerateResponse:
+def make_response(rng, lengths=(3, 0, 5), top=False, versions=None) -> GenerateResponse:
+    """`versions`: (first, last) token versions per sample (default: all 12)."""
+    versions = versions or [(12, 12)] * len(lengths)
     samples = []
-    for n in lengths:
+    for n, (first, last) in zip(lengths, versions, strict=True):
         s = Sample(
             prompt_index=0,
             token_ids=rng.integers(0, 60, n).tolist(),
             logprobs=(-rng.random(n)).tolist(),
             finish_reason="stop" if n == 3 else "length",
+            first_token_version=first,
+            last_token_version=last,
             top_ids=rng.integers(0, 60, (n, C)).tolist() if top else None,
             top_logprobs=(-rng.random((n, C))).tolist() if top else None,
         )
         samples.append(s)
-    return GenerateResponse(policy_version=12, prompt_ids=[[1, 7, 8, 9]], samples=samples)
+    oldest = min(first for first, _ in versions)
+    return GenerateResponse(policy_version=oldest, prompt_ids=[[1, 7, 8, 9]], samples=samples)
 
 
 def make_scores(rng, samples, candidates=False) -> list[ScoredRows]:
@@ -85,6 +90,20 @@ def test_build_record_carries_every_array():
         assert g.teacher_model_id == "teacher-m"
         assert g.reward == reward
         assert g.teacher_candidate_ids is None and g.behaviour_top_ids is None
+
+
+def test_build_record_version_is_the_oldest_token_of_its_samples():
+    """A sample spans versions when a swap lands mid-generation: the record (one policy_version, which the
+    trainer's staleness rule reads) takes the oldest token version of the samples it holds."""
+    rng = np.random.default_rng(3)
+    response = make_response(rng, lengths=(3, 4, 5), versions=[(7, 9), (8, 8), (6, 9)])
+    rec = build_record("r", PROMPT, response, make_scores(rng, scorable(response)), "t")
+    assert rec.policy_version == 6
+    # an unscorable (empty) sample is not in the record, so its version does not count
+    response = make_response(rng, lengths=(3, 0), versions=[(7, 9), (5, 5)])
+    assert response.policy_version == 5
+    rec = build_record("r", PROMPT, response, make_scores(rng, scorable(response)), "t")
+    assert rec.policy_version == 7
 
 
 def test_build_record_student_topk_candidates():
