@@ -50,6 +50,25 @@ def _sha_of_checkpoint(student, ckpt_dir, version: int) -> str:
     return state_sha256(sd, sd.keys())
 
 
+def _worker(rollout, teacher_client, redis_url: str, url: str, teacher: str, prompts):
+    """One worker thread, one prompt in flight, retrying the rollout for up to 300 s."""
+    return start_worker(
+        rollout,
+        teacher_client,
+        redis_url=redis_url,
+        rollout_url=url,
+        teacher=[teacher],
+        prompts=prompts,
+        run=RUN,
+        group_size=G,
+        max_new_tokens=8,
+        top_k=K,
+        concurrency=1,
+        max_backlog=8,
+        retry_timeout_s=300.0,
+    )
+
+
 def test_kill_9_rollout_restart_serves_current_weights(tmp_path):
     tok = build_char_tokenizer()
     student = make_tiny_llama(tmp_path / "student", seed=0, tokenizer=tok)
@@ -75,21 +94,7 @@ def test_kill_9_rollout_restart_serves_current_weights(tmp_path):
             trainer = trainer_proc(
                 student, redis_server.url, url, ckpt_dir, tmp_path / "trainer.log", run=RUN
             ).start()
-            worker = start_worker(
-                rollout,
-                teacher_client,
-                redis_url=redis_server.url,
-                rollout_url=url,
-                teacher=[teacher_handle.address],
-                prompts=prompts,
-                run=RUN,
-                group_size=G,
-                max_new_tokens=8,
-                top_k=K,
-                concurrency=1,
-                max_backlog=8,
-                retry_timeout_s=300.0,
-            )
+            worker = _worker(rollout, teacher_client, redis_server.url, url, teacher_handle.address, prompts)
             thread = worker.thread
             r = connect(redis_server.url)
 
@@ -228,21 +233,7 @@ def test_a_rollout_restarted_without_resume_is_brought_current(tmp_path):
                 run=RUN,
                 max_policy_lag=1,
             ).start()
-            worker = start_worker(
-                rollout,
-                teacher_client,
-                redis_url=redis_server.url,
-                rollout_url=url,
-                teacher=[teacher_handle.address],
-                prompts=prompts,
-                run=RUN,
-                group_size=G,
-                max_new_tokens=8,
-                top_k=K,
-                concurrency=1,
-                max_backlog=8,
-                retry_timeout_s=300.0,
-            )
+            worker = _worker(rollout, teacher_client, redis_server.url, url, teacher_handle.address, prompts)
             r = connect(redis_server.url)
 
             def version() -> int:
