@@ -12,6 +12,8 @@ with `Connection: close`, so that the sender stops instead of sending the rest o
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import time
 from collections.abc import Callable
@@ -33,6 +35,7 @@ from services.rollout.protocol import (
 from services.rollout.weights_stream import Header, receive_safetensors
 
 router = APIRouter()
+DISCONNECT_POLL_S = 0.25  # how often a running /v1/generate checks that its client is still there
 bearer = HTTPBearer(auto_error=False, description="weight-update token (OPD_WEIGHTS_TOKEN)")
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -74,7 +77,19 @@ def require_token(request: Request, creds: HTTPAuthorizationCredentials | None =
 async def generate(req: GenerateRequest, request: Request) -> GenerateResponse:
     """Sample `n` completions per prompt; logprobs are under the full temperature-1 distribution."""
     engine, start = get_engine(request), time.perf_counter()
-    resp = await engine.generate(req)
+    task = asyncio.ensure_future(engine.generate(req))
+    # A client that goes away (its timeout, a retry, a dead worker) must not leave the engine generating for
+    # nobody: watch for the disconnect and cancel, which stops decoding at its next step (engine.py).
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            get_metrics(request).abandoned.inc()
+            # nobody reads this answer; 499 (nginx's "client closed request") labels it in the request counter
+            return Response(status_code=499)  # type: ignore[return-value]
+    resp = task.result()
     get_metrics(request).observe_generate(resp, time.perf_counter() - start)
     return resp
 

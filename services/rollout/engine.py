@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -213,6 +214,9 @@ class GenerateParams:
     seed: int
     stop_token_ids: list[int]
     return_top_k: int
+    # set when the request is abandoned (its client disconnected): a backend decoding in a thread stops at
+    # its next step; an async backend (vLLM) aborts on the task's cancellation itself
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class RolloutEngine(ABC):
@@ -265,7 +269,11 @@ class RolloutEngine(ABC):
         prompt_ids = self.tokenize(req)
         params = self.resolve_params(req, prompt_ids)
         self._check_healthy()
-        samples = await self._generate(prompt_ids, params)  # weight updates may land between its steps
+        try:
+            samples = await self._generate(prompt_ids, params)  # weight updates may land between its steps
+        except asyncio.CancelledError:
+            params.cancel.set()
+            raise
         # an install that failed meanwhile left unknown weights under this request's later tokens
         self._check_healthy()
         # conservative: staleness is judged by the oldest weights behind any returned token

@@ -149,6 +149,10 @@ class RowOutput:
 
 
 @torch.inference_mode()
+class GenerationCancelled(Exception):
+    """The request's client went away (engine.generate set GenerateParams.cancel): stop decoding."""
+
+
 def sample_rows(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -161,6 +165,7 @@ def sample_rows(
     stop_token_ids: list[int],
     return_top_k: int = 0,
     gate: WeightsGate | None = None,
+    cancel: threading.Event | None = None,
 ) -> list[RowOutput]:
     """Decode one completion per row; row r continues prompts[row_prompt[r]] using generators[r].
 
@@ -200,6 +205,8 @@ def sample_rows(
     stop = set(stop_token_ids)
     active = list(range(len(row_prompt)))  # original row index of each batch row
     for step in range(max_new_tokens):
+        if cancel is not None and cancel.is_set():
+            raise GenerationCancelled(f"abandoned after {step} of {max_new_tokens} new tokens")
         logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
         u_B = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64) for r in active])
         tok_B = top_p_sample(logits_B_V, temperature, top_p, u_B.to(device))
@@ -284,6 +291,7 @@ def sample_groups(
             stop_token_ids=params.stop_token_ids,
             return_top_k=params.return_top_k,
             gate=gate,
+            cancel=params.cancel,
         )
         for (i, _), row in zip(chunk, outputs, strict=True):
             samples.append(

@@ -25,6 +25,11 @@ class RolloutMetrics:
         self.samples = Counter(
             "opd_rollout_samples", "completions generated, by finish reason", ["reason"], registry=r
         )
+        self.abandoned = Counter(
+            "opd_rollout_abandoned_requests",
+            "/v1/generate requests whose client disconnected before the answer: generation stopped",
+            registry=r,
+        )
         self.generate_latency = Histogram(
             "opd_rollout_generate_latency_seconds",
             "latency of successful /v1/generate requests",

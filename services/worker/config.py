@@ -57,7 +57,20 @@ class WorkerConfig(ConfigBase):
     max_turns: int = opt(0, "environment task: turn limit of an episode")
     env_seeds: int = opt(100_000, "environment task: episodes per epoch, env seeds 0..N-1 sharded by worker")
     max_context_tokens: int = opt(0, "environment task: end an episode before it can outgrow this (0 = off)")
-    retry_timeout_s: float = opt(300.0, "give up on a failing rollout/teacher call after this long")
+    retry_timeout_s: float = opt(
+        300.0, "retry a failing rollout/teacher call for this long after it first fails"
+    )
+    rollout_timeout_s: float = opt(
+        3600.0,
+        "HTTP timeout of one /v1/generate call: G samples of up to max_new_tokens (15,360 tokens at ~10 "
+        "tokens/s per sequence is ~26 min); the server stops a generation whose client went away",
+    )
+    rollout_resends: int = opt(
+        1, "times the rollout client itself resends a generate that lost its connection"
+    )
+    teacher_timeout_s: float = opt(
+        600.0, "gRPC deadline of one teacher Score call (G sequences of up to 16K)"
+    )
     log_interval_s: float = opt(10.0, "seconds between progress lines")
     token_aliases: list[Any] = opt(
         [], "special-token aliases [[student, teacher], ...] (docs/aliases.md); flag/env: JSON"
@@ -97,6 +110,11 @@ class WorkerConfig(ConfigBase):
             raise ConfigError(f"verifier: {self.verifier!r} needs `tokenizer` to decode completions")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: {self.metrics_port} is outside [0, 65535]")
+        if self.rollout_timeout_s <= 0 or self.teacher_timeout_s <= 0 or self.rollout_resends < 0:
+            raise ConfigError(
+                f"rollout_timeout_s/teacher_timeout_s/rollout_resends: {self.rollout_timeout_s}/"
+                f"{self.teacher_timeout_s}/{self.rollout_resends}"
+            )
         if self.retry_timeout_s < 0 or self.log_interval_s <= 0:
             raise ConfigError(f"retry_timeout_s/log_interval_s: {self.retry_timeout_s}/{self.log_interval_s}")
         parse_aliases(self.token_aliases)

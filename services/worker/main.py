@@ -18,8 +18,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(argv)
     setup_logging("worker")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request drowns the progress
-    rollout = RolloutClient(cfg.rollout_url, token=cfg.rollout_token, tls_ca_file=cfg.rollout_tls_ca_file)
-    teacher = TeacherClient(cfg.teacher, token=cfg.teacher_token, tls_ca_file=cfg.teacher_tls_ca_file)
+    rollout = RolloutClient(
+        cfg.rollout_url,
+        token=cfg.rollout_token,
+        timeout_s=cfg.rollout_timeout_s,
+        retries=cfg.rollout_resends,
+        tls_ca_file=cfg.rollout_tls_ca_file,
+    )
+    teacher = TeacherClient(
+        cfg.teacher,
+        token=cfg.teacher_token,
+        timeout_s=cfg.teacher_timeout_s,
+        tls_ca_file=cfg.teacher_tls_ca_file,
+    )
     with rollout, teacher:
         worker = RolloutWorker(cfg, rollout, teacher, connect(cfg.redis_url))
         worker.install_signal_handlers()

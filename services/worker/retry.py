@@ -77,13 +77,16 @@ def call_with_retry(
     on_retry: Callable[[str], None] | None = None,
 ) -> T:
     """Call `fn`, retrying RETRY-kind failures with exponential backoff (0.5 s doubling to 15 s) for up to
-    `timeout_s`; other failures, and the last one, propagate. `Stopped` when a stop comes during a wait."""
-    deadline = time.monotonic() + timeout_s
+    `timeout_s` after the first failure (a call that ran its own long timeout before failing still gets its
+    retries); other failures, and the last one, propagate. `Stopped` when a stop comes during a wait."""
+    deadline: float | None = None
     delay, attempt = 0.5, 0
     while True:
         try:
             return fn()
         except Exception as e:
+            if deadline is None:
+                deadline = time.monotonic() + timeout_s
             if classify_error(e) != ErrorKind.RETRY or time.monotonic() + delay > deadline:
                 raise
             attempt += 1

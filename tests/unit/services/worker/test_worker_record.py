@@ -225,6 +225,20 @@ def test_retry_gives_up():
     assert not_transient.calls == 1
 
 
+def test_a_call_that_ran_long_before_failing_still_gets_its_retries():
+    """The retry budget counts from the first failure: a generate that took longer than the budget (a long
+    chain of thought hitting its own timeout) is retried instead of ending the worker."""
+    worker = make_worker(retry_timeout_s=1.0)
+    slow = Flaky(1, httpx.ReadTimeout("timed out"))
+
+    def call():
+        if slow.calls == 0:
+            time.sleep(1.5)  # longer than the whole retry budget
+        return slow()
+
+    assert worker._retry(call, "rollout_generate") == "ok" and slow.calls == 2
+
+
 def test_stop_interrupts_a_retry_wait():
     worker = make_worker()
     flaky = Flaky(100, httpx.ConnectError("refused"))
