@@ -43,7 +43,16 @@ class WorkerConfig(ConfigBase):
     top_k: int = opt(32, "teacher top-K per position (and behaviour top-k for the student_topk support)")
     support: str = opt("teacher_topk", f"support variant, one of {SUPPORTS}")
     max_backlog: int = opt(256, "wait while the stream holds this many entries")
-    concurrency: int = opt(4, "prompts in flight")
+    concurrency: int = opt(
+        4,
+        "prompt tasks with max_tokens_in_flight 0: concurrency x group_size samples in flight (a finished "
+        "sample's slot goes to the next prompt's); environment tasks: prompts (whole groups) in flight",
+    )
+    max_tokens_in_flight: int = opt(
+        0,
+        "bound on the samples in flight, each counting its prompt + max_new_tokens tokens (0 = the sample "
+        "bound concurrency x group_size); environment tasks keep the concurrency bound",
+    )
     max_records: int = opt(0, "stop after writing this many records (0 = no limit)")
     epochs: int = opt(0, "passes over the prompt shard (0 = forever)")
     verifier: str | None = opt(
@@ -62,14 +71,15 @@ class WorkerConfig(ConfigBase):
     )
     rollout_timeout_s: float = opt(
         3600.0,
-        "HTTP timeout of one /v1/generate call: G samples of up to max_new_tokens (15,360 tokens at ~10 "
+        "HTTP timeout of one /v1/generate call: one sample (G for an environment task) of up to max_new_tokens (15,360 tokens at ~10 "
         "tokens/s per sequence is ~26 min); the server stops a generation whose client went away",
     )
     rollout_resends: int = opt(
         1, "times the rollout client itself resends a generate that lost its connection"
     )
     teacher_timeout_s: float = opt(
-        600.0, "gRPC deadline of one teacher Score call (G sequences of up to 16K)"
+        600.0,
+        "gRPC deadline of one teacher Score call (one sequence, G for an environment task, of up to 16K)",
     )
     log_interval_s: float = opt(10.0, "seconds between progress lines")
     token_aliases: list[Any] = opt(
@@ -97,7 +107,7 @@ class WorkerConfig(ConfigBase):
         for name in ("group_size", "max_new_tokens", "top_k", "max_backlog", "concurrency"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: {getattr(self, name)} < 1")
-        for name in ("max_records", "epochs"):
+        for name in ("max_records", "epochs", "max_tokens_in_flight"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: {getattr(self, name)} < 0")
         if self.temperature <= 0:

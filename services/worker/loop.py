@@ -5,8 +5,12 @@ score each sample's completion (top-K per position, plus the behaviour top-k ids
 student-top-K support), optionally rewards each sample with a verifier, and appends one `ExperienceGroup`
 to `opd:<run>:experience` (DESIGN.md 3.3).
 
-- Pipelining: `concurrency` prompts are in flight on a thread pool, so one prompt's generate overlaps
-  another's scoring and both services stay busy.
+- Pipelining (#17): a group's G samples are G generate requests of n = 1 (seeds `sample_seed`: sample 0
+  is what n = G gives first, the others differ from n = G), each scored by the teacher as soon as it
+  finishes, so no sample waits for its group's slowest; the record is assembled once all G are scored.
+  Samples in flight are bounded by tokens (`max_tokens_in_flight`, each sample counting prompt +
+  max_new_tokens; 0 = concurrency x group_size samples). Environment tasks (multi-turn episodes) keep
+  whole groups: `concurrency` prompts in flight, each `run_one`.
 - Backpressure and exactly-once appends: services/worker/sink.py.
 - Whole or nothing: a record is fully built (all samples generated and scored) before its single XADD.
 - Failures: rollout/teacher calls that fail transiently (connection errors, UNAVAILABLE,
@@ -29,7 +33,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
@@ -40,12 +45,18 @@ from services.common.experience import ExperienceRecord
 from services.common.prompts import Prompt, cycle_prompts, load_prompts
 from services.common.verifiers import completion_text, get_verifier
 from services.rollout.client import RolloutClient
-from services.rollout.protocol import GenerateRequest, Sample
+from services.rollout.protocol import GenerateRequest, GenerateResponse, Sample
 from services.teacher.client import ScoredRows, TeacherClient
 from services.worker.aliasing import WorkerAliases
 from services.worker.config import WorkerConfig
 from services.worker.metrics import WorkerMetrics
-from services.worker.record import BadPromptError, build_record, request_seed, scorable
+from services.worker.record import (
+    BadPromptError,
+    build_record,
+    request_seed,
+    sample_seed,
+    scorable,
+)
 from services.worker.retry import ErrorKind, Stopped, call_with_retry, classify_error, short
 from services.worker.sink import RecordSink
 
@@ -95,6 +106,7 @@ class RolloutWorker:
         self._counter = itertools.count()
         self._lock = threading.Lock()
         self._bad_in_row = 0
+        self._open_groups = 0  # groups of the pipelined loop started and not yet finished
         self.totals = {"records": 0, "samples": 0, "tokens": 0, "bad_prompts": 0, "dropped": 0}
 
     # -- one prompt
@@ -135,24 +147,15 @@ class RolloutWorker:
             return f"{self.worker_id}-{next(self._counter)}"
 
     def run_one(self, prompt: Prompt) -> ExperienceRecord:
-        """Generate G samples for `prompt`, score them with the teacher, reward them; no Redis I/O."""
+        """Generate G samples for `prompt` in one n = G request, score them in one teacher call, reward
+        them; no Redis I/O. The loop pipelines per sample instead (`_run_sample`); this whole-group path
+        serves environment tasks (episodes), callers outside the loop and as the reference in tests."""
         cfg = self.cfg
-        if self.teacher_model_id is None:
-            self.teacher_model_id = self._retry(self.teacher.info, "teacher_info").model_id
+        self._ensure_teacher_model_id()
         record_id = self.next_record_id()
         if self.make_env is not None:
             return self._run_episodes(prompt, record_id)
-        student_topk = cfg.support == "student_topk"
-        request = GenerateRequest(
-            prompts=[list(prompt.token_ids)] if prompt.token_ids else None,
-            texts=None if prompt.token_ids else [prompt.text],
-            n=cfg.group_size,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            seed=request_seed(cfg.seed, prompt.row, prompt.epoch),
-            return_top_k=cfg.top_k if student_topk else 0,
-        )
+        request = self._generate_request(prompt, cfg.group_size, self._group_seed(prompt))
         with self.metrics.generate_s.time():
             response = self._retry(lambda: self.rollout.generate(request), "rollout_generate")
         prompt_ids = list(response.prompt_ids[0])
@@ -161,8 +164,37 @@ class RolloutWorker:
             raise BadPromptError(
                 f"prompt row {prompt.row}: all {len(response.samples)} completions are empty"
             )
-        candidates: list[np.ndarray | None] | None = None  # per sample: [L, C] ids the teacher also scores
-        if student_topk:
+        candidates = self._candidates(samples)
+        with self.metrics.score_s.time():
+            scored = self._retry(
+                lambda: self._score(record_id, prompt_ids, samples, candidates), "teacher_score"
+            )
+        return self._assemble(record_id, prompt, response, scored, candidates)
+
+    def _ensure_teacher_model_id(self) -> None:
+        if self.teacher_model_id is None:
+            self.teacher_model_id = self._retry(self.teacher.info, "teacher_info").model_id
+
+    def _group_seed(self, prompt: Prompt) -> int:
+        return request_seed(self.cfg.seed, prompt.row, prompt.epoch)
+
+    def _generate_request(self, prompt: Prompt, n: int, seed: int) -> GenerateRequest:
+        cfg = self.cfg
+        return GenerateRequest(
+            prompts=[list(prompt.token_ids)] if prompt.token_ids else None,
+            texts=None if prompt.token_ids else [prompt.text],
+            n=n,
+            max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            seed=seed,
+            return_top_k=cfg.top_k if cfg.support == "student_topk" else 0,
+        )
+
+    def _candidates(self, samples: list[Sample]) -> list[np.ndarray | None] | None:
+        """Per (scorable) sample: the [L, C] ids the teacher also scores, or None when there are none."""
+        candidates: list[np.ndarray | None] | None = None
+        if self.cfg.support == "student_topk":
             candidates = [
                 np.asarray(s.top_ids, dtype=np.int32).reshape(len(s.token_ids), -1) for s in samples
             ]
@@ -171,27 +203,121 @@ class RolloutWorker:
                 self.aliases.candidates(None if candidates is None else candidates[i], len(s.token_ids))
                 for i, s in enumerate(samples)
             ]
-        with self.metrics.score_s.time():
-            scored = self._retry(
-                lambda: self._score(record_id, prompt_ids, samples, candidates), "teacher_score"
-            )
+        return candidates
+
+    def _assemble(
+        self,
+        record_id: str,
+        prompt: Prompt,
+        response: GenerateResponse,
+        scored: list[ScoredRows],
+        candidates: list[np.ndarray | None] | None,
+    ) -> ExperienceRecord:
+        """The record of one group: verifier rewards, then build_record."""
+        samples = scorable(response)
         rewards = None
         if self.verifier is not None:
             texts = [completion_text(self.tokenizer, s.token_ids) for s in samples]
             rewards = [float(self.verifier(t, prompt.answer)) for t in texts]
             for r in rewards:
                 self.metrics.reward.observe(r)
+        assert self.teacher_model_id is not None  # set by prepare or _ensure_teacher_model_id
         return build_record(
             record_id,
             prompt,
             response,
             scored,
             self.teacher_model_id,
-            cfg.task,
+            self.cfg.task,
             rewards,
-            with_candidates=student_topk,
+            with_candidates=self.cfg.support == "student_topk",
             candidate_ids=candidates if self.aliases is not None else None,
         )
+
+    # -- one sample (the pipelined loop)
+
+    def _prompt_cost(self, prompt: Prompt) -> int:
+        """Tokens one sample of `prompt` holds in flight: prompt + max_new_tokens. A text prompt's length is
+        estimated (the worker's tokenizer, else its UTF-8 bytes) until the first response gives it exactly."""
+        if prompt.token_ids:
+            n = len(prompt.token_ids)
+        elif self.tokenizer is not None:
+            n = len(self.tokenizer(prompt.text)["input_ids"])
+        else:
+            n = len(prompt.text.encode("utf-8"))
+        return n + self.cfg.max_new_tokens
+
+    def _run_sample(self, group: _Group, index: int) -> None:
+        """Sample `index` of `group` on a pool thread: generate it (n = 1), have the teacher score it at
+        once, and write the group's record if it was the group's last sample."""
+        try:
+            if group.failed is not None:
+                raise _Skipped
+            request = self._generate_request(group.prompt, 1, sample_seed(group.seed, index))
+            with self.metrics.generate_s.time():
+                response = self._retry(lambda: self.rollout.generate(request), "rollout_generate")
+            (sample,) = response.samples
+            prompt_ids = list(response.prompt_ids[0])
+            group.cost = len(prompt_ids) + self.cfg.max_new_tokens  # exact from now on
+            scored = cands = None
+            if sample.token_ids:  # an empty completion has nothing to score (`scorable`)
+                candidates = self._candidates([sample])
+                with self.metrics.score_s.time():
+                    (scored,) = self._retry(
+                        lambda: self._score(group.record_id, prompt_ids, [sample], candidates),
+                        "teacher_score",
+                    )
+                cands = None if candidates is None else candidates[0]
+            last = group.resolve(index, _Done(prompt_ids, sample, scored, cands))
+        except _Skipped:
+            last = group.resolve(index, None)
+        except Stopped as e:
+            last = group.fail(index, e)
+        except Exception as e:
+            if classify_error(e) != ErrorKind.BAD_INPUT:
+                raise
+            last = group.fail(index, e)
+        if last:
+            self._finish(group)
+
+    def _finish(self, group: _Group) -> None:
+        """A group all of whose admitted samples are done: write its record, or count it a bad prompt."""
+        try:
+            self._finish_group(group)
+        finally:
+            with self._lock:
+                self._open_groups -= 1
+
+    def _finish_group(self, group: _Group) -> None:
+        failed = group.failed
+        if isinstance(failed, Stopped):
+            return
+        if failed is None:
+            done = [d for d in group.done if d is not None]
+            assert len(done) == self.cfg.group_size
+            samples = [d.sample for d in done]
+            response = GenerateResponse(
+                policy_version=min(s.first_token_version for s in samples),
+                prompt_ids=[done[0].prompt_ids],
+                samples=samples,
+            )
+            kept = [d for d in done if d.sample.token_ids]
+            if not kept:
+                failed = BadPromptError(
+                    f"prompt row {group.prompt.row}: all {len(samples)} completions are empty"
+                )
+            else:
+                scored = [d.scored for d in kept]
+                assert all(x is not None for x in scored)
+                candidates = None if kept[0].candidates is None else [d.candidates for d in kept]
+                record = self._assemble(
+                    group.record_id, group.prompt, response, cast(list[ScoredRows], scored), candidates
+                )
+                with self._lock:
+                    self._bad_in_row = 0
+                self.write(record)
+                return
+        self._bad_prompt(group.prompt, failed)
 
     def _score(
         self,
@@ -310,18 +436,22 @@ class RolloutWorker:
         except Exception as e:
             if classify_error(e) != ErrorKind.BAD_INPUT:
                 raise
-            self.metrics.bad_prompts.inc()
-            with self._lock:
-                self.totals["bad_prompts"] += 1
-                self._bad_in_row += 1
-                in_row = self._bad_in_row
-            log.error("prompt row %d skipped: %s", prompt.row, short(e))
-            if in_row >= MAX_CONSECUTIVE_BAD_PROMPTS:
-                raise RuntimeError(f"{in_row} prompts rejected in a row; last: {short(e)}") from e
+            self._bad_prompt(prompt, e)
             return
         with self._lock:
             self._bad_in_row = 0
         self.write(record)
+
+    def _bad_prompt(self, prompt: Prompt, e: BaseException) -> None:
+        """Count a prompt the services rejected; a run of them means a misconfiguration: raise then."""
+        self.metrics.bad_prompts.inc()
+        with self._lock:
+            self.totals["bad_prompts"] += 1
+            self._bad_in_row += 1
+            in_row = self._bad_in_row
+        log.error("prompt row %d skipped: %s", prompt.row, short(e))
+        if in_row >= MAX_CONSECUTIVE_BAD_PROMPTS:
+            raise RuntimeError(f"{in_row} prompts rejected in a row; last: {short(e)}") from e
 
     def stop(self) -> None:
         """Ask the loop to finish the prompts in flight and return."""
@@ -358,7 +488,10 @@ class RolloutWorker:
         start = time.monotonic()
         try:
             self.prepare()
-            self._loop(iter(prompts), start)
+            if self.make_env is not None:
+                self._loop(iter(prompts), start)
+            else:
+                self._pipeline(iter(prompts), start)
         except Stopped:
             pass
         finally:
@@ -372,7 +505,81 @@ class RolloutWorker:
         )
         return summary
 
+    def _pipeline(self, prompts: Iterator[Prompt], start: float) -> None:
+        """Prompt tasks: sample by sample. Each of a group's G samples is its own n = 1 generate, scored by
+        the teacher as soon as it finishes (`_run_sample`); the group's last sample writes the record.
+        Samples are admitted in prompt order while the tokens in flight (prompt + max_new_tokens each) stay
+        within max_tokens_in_flight (0: while fewer than concurrency x group_size samples are in flight);
+        one sample is always admitted when none is in flight. A stop starts no new group but finishes the
+        samples of the groups already started."""
+        cfg = self.cfg
+        budget = cfg.max_tokens_in_flight
+        max_samples = (
+            cfg.concurrency * cfg.group_size if budget == 0 else max(1, budget // (cfg.max_new_tokens + 1))
+        )
+        in_flight: dict[Future, int] = {}  # sample -> the tokens it was admitted with
+        tokens = 0
+        group: _Group | None = None  # the group whose samples are being admitted
+        exhausted = False
+        last_log, last_totals = start, dict(self.totals)
+        with ThreadPoolExecutor(max_samples, thread_name_prefix="rollout") as pool:
+            try:
+                while True:
+                    while True:
+                        if group is not None and group.failed is not None and not group.closed:
+                            if group.close():  # admit no more of a failed group
+                                self._finish(group)
+                        if group is None or group.closed:
+                            group = None
+                            if (
+                                self.stop_event.is_set()
+                                or exhausted
+                                or len(in_flight) >= max_samples
+                                or (
+                                    cfg.max_records
+                                    and self.totals["records"] + self._open_groups >= cfg.max_records
+                                )
+                            ):
+                                break
+                            prompt = next(prompts, None)
+                            if prompt is None:
+                                exhausted = True
+                                break
+                            group = _Group(
+                                prompt,
+                                self.next_record_id(),
+                                self._group_seed(prompt),
+                                cfg.group_size,
+                                self._prompt_cost(prompt),
+                            )
+                            with self._lock:
+                                self._open_groups += 1
+                        cost = group.cost
+                        if in_flight and (
+                            len(in_flight) >= max_samples or (budget and tokens + cost > budget)
+                        ):
+                            break
+                        index = group.admit()
+                        in_flight[pool.submit(self._run_sample, group, index)] = cost
+                        tokens += cost
+                    self.metrics.tokens_in_flight.set(tokens)
+                    if not in_flight:
+                        break
+                    done, _ = wait(list(in_flight), timeout=0.5, return_when=FIRST_COMPLETED)
+                    for f in done:
+                        tokens -= in_flight.pop(f)
+                        f.result()  # re-raise a fatal error from the pool thread
+                    now = time.monotonic()
+                    if now - last_log >= cfg.log_interval_s:
+                        self._log_progress(now - last_log, last_totals, len(in_flight))
+                        last_log, last_totals = now, dict(self.totals)
+            except BaseException:
+                # Let the other in-flight samples finish (or drop) quickly before the pool joins them.
+                self.stop_event.set()
+                raise
+
     def _loop(self, prompts: Iterator[Prompt], start: float) -> None:
+        """Environment tasks: `concurrency` whole groups (run_one) in flight."""
         cfg = self.cfg
         in_flight: set[Future] = set()
         exhausted = False
@@ -433,3 +640,66 @@ class RolloutWorker:
 
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+
+
+@dataclass
+class _Done:
+    """One finished sample of a group: its generate response's parts and its teacher scores (None for an
+    empty completion, which is not scored)."""
+
+    prompt_ids: list[int]
+    sample: Sample
+    scored: ScoredRows | None
+    candidates: np.ndarray | None
+
+
+class _Skipped(Exception):
+    """A sample not generated because its group had already failed."""
+
+
+class _Group:
+    """One prompt's G samples in the pipelined loop. The loop admits them in order (`admit`, `close`); pool
+    threads resolve them; whoever resolves the last admitted sample of a closed group finishes it, once."""
+
+    def __init__(self, prompt: Prompt, record_id: str, seed: int, size: int, cost: int):
+        self.prompt, self.record_id, self.seed, self.size = prompt, record_id, seed, size
+        self.cost = cost  # tokens one sample holds in flight; exact once a response gave the prompt ids
+        self.done: list[_Done | None] = [None] * size
+        self.failed: BaseException | None = None  # the first failure: a stop or a rejected prompt
+        self.admitted = 0
+        self.closed = False  # no more samples will be admitted
+        self._resolved = 0
+        self._finished = False
+        self._lock = threading.Lock()
+
+    def admit(self) -> int:
+        with self._lock:
+            index = self.admitted
+            self.admitted += 1
+            self.closed = self.admitted == self.size
+            return index
+
+    def close(self) -> bool:
+        """Admit no more samples; True when the caller is to finish the group now."""
+        with self._lock:
+            self.closed = True
+            return self._take_finish()
+
+    def resolve(self, index: int, done: _Done | None) -> bool:
+        with self._lock:
+            self.done[index] = done
+            self._resolved += 1
+            return self._take_finish()
+
+    def fail(self, index: int, error: BaseException) -> bool:
+        with self._lock:
+            if self.failed is None:
+                self.failed = error
+            self._resolved += 1
+            return self._take_finish()
+
+    def _take_finish(self) -> bool:
+        if self.closed and self._resolved == self.admitted and not self._finished:
+            self._finished = True
+            return True
+        return False

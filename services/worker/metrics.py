@@ -27,6 +27,15 @@ class WorkerMetrics:
         self.blocked_s = Counter(
             "opd_worker_backpressure_seconds", "time waiting for a full stream", registry=r
         )
-        self.generate_s = Histogram("opd_worker_generate_seconds", "rollout generate latency", registry=r)
-        self.score_s = Histogram("opd_worker_score_seconds", "teacher score latency", registry=r)
+        self.generate_s = Histogram(
+            "opd_worker_generate_seconds",
+            "rollout generate latency (one sample; a group for envs)",
+            registry=r,
+        )
+        self.score_s = Histogram(
+            "opd_worker_score_seconds", "teacher score latency (one sample; a group for envs)", registry=r
+        )
+        self.tokens_in_flight = Gauge(
+            "opd_worker_tokens_in_flight", "prompt + max_new_tokens of the samples in flight", registry=r
+        )
         self.reward = Histogram("opd_worker_reward", "verifier rewards", buckets=(0.0, 0.5, 1.0), registry=r)

@@ -20,16 +20,17 @@ from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode
+from services.common.prompts import Prompt
 from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, experience_stream
 from services.common.redis_server import free_port
 from services.common.verifiers import completion_text, exact_match
-from services.rollout.protocol import GenerateRequest
+from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest
 from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 from services.worker.config import WorkerConfig
 from services.worker.loop import RolloutWorker
-from services.worker.record import request_seed
+from services.worker.record import request_seed, sample_seed
 from tests.integration.stack import loopback_stack
 
 pytestmark = pytest.mark.integration
@@ -101,18 +102,26 @@ def test_records_are_what_was_generated_and_scored(stack):
         assert rec.answer == PROMPTS[row][1] and rec.task == "arith" and rec.policy_version == 0
         assert rec.prompt_ids.tolist() == tok(rec.prompt_text)["input_ids"]
         assert len(rec.samples) == g
-        # The rollout service gives the same samples for the same seed: the record holds exactly those.
-        again = rollout.generate(
-            GenerateRequest(
-                texts=[rec.prompt_text],
-                n=g,
-                max_new_tokens=8,
-                temperature=1.0,
-                top_p=0.9,
-                seed=request_seed(11, row, 0),
-            )
+        # The rollout service gives the same samples for the same seed: the record holds exactly those
+        # (sample j: an n = 1 request seeded sample_seed(group seed, j); sample 0 is also n = G's first).
+        again = [
+            rollout.generate(
+                GenerateRequest(
+                    texts=[rec.prompt_text],
+                    n=1,
+                    max_new_tokens=8,
+                    temperature=1.0,
+                    top_p=0.9,
+                    seed=sample_seed(request_seed(11, row, 0), j),
+                )
+            ).samples[0]
+            for j in range(g)
+        ]
+        group = rollout.generate(
+            GenerateRequest(texts=[rec.prompt_text], n=g, max_new_tokens=8, seed=request_seed(11, row, 0))
         )
-        for s, ref in zip(rec.samples, again.samples, strict=True):
+        assert rec.samples[0].completion_ids.tolist() == group.samples[0].token_ids
+        for s, ref in zip(rec.samples, again, strict=True):
             assert s.completion_ids.tolist() == ref.token_ids
             np.testing.assert_allclose(s.behaviour_logprobs, ref.logprobs, atol=1e-5)
             assert s.finish_reason == ref.finish_reason
@@ -270,8 +279,9 @@ def test_sigterm_finishes_in_flight_prompts_and_writes_only_whole_records(stack)
     written, dropped = int(done.group(1)), int(done.group(3))
     records = read_records(stack, run)
     assert len(records) == written and dropped == 0
-    # In-flight prompts were finished, and no new one was started after the signal.
-    assert at_signal <= written <= at_signal + 2
+    # In-flight prompts were finished, and no new one was started after the signal: with per-sample
+    # pipelining up to concurrency x G = 4 samples are in flight, each of a different prompt at most.
+    assert at_signal <= written <= at_signal + 4
     for rec in records:  # every entry decodes to a whole record of G fully scored samples
         assert len(rec.samples) == 2
         for s in rec.samples:
@@ -345,3 +355,147 @@ def test_shard_epochs_and_chat_prompts(stack, tmp_path):
         body = rec.prompt_text[len("<s>") :]
         assert rec.prompt_ids.tolist() == [vocab["<s>"]] + [vocab[c] for c in body]
         assert rec.answer == dict(PROMPTS)[rec.prompt_text[len("<s>user: ") : -1]]
+
+
+class _Rollout:
+    """The stack's rollout client, with a hook around generate: `delay(request)` seconds of sleep after the
+    real call (a slow sample), and the peak number of generate calls in flight."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay = inner, delay
+        self.lock = threading.Lock()
+        self.in_flight = self.peak = 0
+        self.finished: dict[int, float] = {}  # seed -> when its generate returned
+
+    def generate(self, request):
+        with self.lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            out = self.inner.generate(request)
+            time.sleep(self.delay(request))
+            self.finished[request.seed] = time.monotonic()
+            return out
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+class _TimedWorker(RolloutWorker):
+    """Records when each teacher score call returned, per record id."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.scored: list[tuple[str, list[int], float]] = []
+
+    def _score(self, record_id, prompt_ids, samples, candidates):
+        out = super()._score(record_id, prompt_ids, samples, candidates)
+        self.scored.append((record_id, list(samples[0].token_ids), time.monotonic()))
+        return out
+
+
+def _worker(stack, cls, rollout, run, **kw):
+    cfg = WorkerConfig(
+        run=run,
+        redis_url=stack.redis_url,
+        rollout_url=stack.rollout_url,
+        teacher=[stack.teacher_address],
+        prompts=str(stack.prompts),
+        **kw,
+    )
+    return cls(cfg, rollout, stack.teacher_client, connect(stack.redis_url))
+
+
+def test_a_finished_sample_is_scored_before_its_groups_slowest_finishes(stack):
+    g, seed = 3, 5
+    slow_seed = sample_seed(request_seed(seed, 0, 0), g - 1)  # row 0's last sample
+    rollout = _Rollout(stack.rollout, lambda req: 2.0 if req.seed == slow_seed else 0.0)
+    worker = _worker(
+        stack,
+        _TimedWorker,
+        rollout,
+        "early",
+        group_size=g,
+        max_new_tokens=6,
+        top_k=3,
+        max_records=1,
+        seed=seed,
+    )
+    assert worker.run()["records"] == 1
+    (rec,) = read_records(stack, "early")
+    assert len(rec.samples) == g and rec.prompt_text == PROMPTS[0][0]
+    slow_done = rollout.finished[slow_seed]
+    times = {tuple(c): t for rid, c, t in worker.scored if rid == rec.record_id}
+    assert len(worker.scored) == g  # one teacher call per sample
+    early = [times[tuple(s.completion_ids.tolist())] for s in rec.samples[: g - 1]]
+    assert all(t < slow_done for t in early), (early, slow_done)  # scored while the slow one generated
+    assert times[tuple(rec.samples[-1].completion_ids.tolist())] > slow_done
+
+
+def test_pipelined_records_equal_whole_group_records(stack):
+    """Greedy decoding (deterministic whatever the seeds): the pipelined records (G requests of n = 1, one
+    teacher call per sample) hold what the whole-group path (one n = G request, one teacher call) makes."""
+    kw = dict(group_size=2, max_new_tokens=6, top_k=4, top_p=GREEDY_TOP_P, concurrency=2)
+    worker = make_worker(stack, "same", max_records=3, **kw)
+    assert worker.run()["records"] == 3
+    reference = make_worker(stack, "same-ref", **kw)
+    rows = {p: i for i, (p, _) in enumerate(PROMPTS)}
+    for rec in read_records(stack, "same"):
+        row = rows[rec.prompt_text]
+        ref = reference.run_one(Prompt(row=row, text=rec.prompt_text, answer=PROMPTS[row][1]))
+        assert rec.prompt_ids.tolist() == ref.prompt_ids.tolist() and rec.answer == ref.answer
+        assert rec.policy_version == ref.policy_version and len(rec.samples) == len(ref.samples) == 2
+        for s, r in zip(rec.samples, ref.samples, strict=True):
+            assert s.completion_ids.tolist() == r.completion_ids.tolist()
+            assert s.finish_reason == r.finish_reason
+            np.testing.assert_allclose(s.behaviour_logprobs, r.behaviour_logprobs, atol=1e-5)
+            np.testing.assert_array_equal(s.teacher_topk_ids, r.teacher_topk_ids)
+            np.testing.assert_allclose(s.teacher_topk_logprobs, r.teacher_topk_logprobs, atol=1e-5)
+            np.testing.assert_allclose(s.teacher_target_logprobs, r.teacher_target_logprobs, atol=1e-5)
+
+
+def test_token_budget_bounds_samples_in_flight(stack):
+    """Each sample counts prompt + max_new_tokens: a budget for two samples keeps at most two generates in
+    flight, whatever `concurrency` x group_size would allow."""
+    m = 8
+    # A sample's cost: the prompt's UTF-8 bytes until its first response, its token count after.
+    costs = [n + m for p, _ in PROMPTS for n in (len(p.encode()), len(stack.tok(p)["input_ids"]))]
+    budget = 2 * max(costs)
+    assert 3 * min(costs) > budget
+    rollout = _Rollout(stack.rollout, lambda req: 0.3)
+    worker = _worker(
+        stack,
+        RolloutWorker,
+        rollout,
+        "budget",
+        group_size=3,
+        max_new_tokens=m,
+        top_k=3,
+        max_records=3,
+        concurrency=4,
+        max_tokens_in_flight=budget,
+    )
+    assert worker.run()["records"] == 3
+    assert rollout.peak == 2
+    records = read_records(stack, "budget")
+    assert len(records) == 3 and all(len(r.samples) == 3 for r in records)
+    assert len({r.prompt_text for r in records}) == 3
+
+
+def test_a_rejected_prompt_is_skipped_once_and_the_others_are_written(stack):
+    """Every sample of a prompt the rollout service rejects (a token id outside the vocabulary) fails: the
+    prompt is counted once, its record is not written, and the prompts around it are."""
+    worker = make_worker(stack, "rejected", group_size=3, max_new_tokens=4, top_k=3, concurrency=1)
+    prompts = [
+        Prompt(row=0, text=PROMPTS[0][0]),
+        Prompt(row=1, text="?", token_ids=(10**6,)),
+        Prompt(row=2, text=PROMPTS[2][0]),
+    ]
+    summary = worker.run(prompts)
+    assert summary["records"] == 2 and summary["bad_prompts"] == 1 and summary["dropped"] == 0
+    records = read_records(stack, "rejected")
+    assert [r.prompt_text for r in records] == [PROMPTS[0][0], PROMPTS[2][0]]
+    assert all(len(r.samples) == 3 for r in records)
