@@ -19,6 +19,7 @@ DDP's semantics without that coupling. One consumer per run also keeps the exact
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -79,9 +80,16 @@ def checkpoint_group() -> dist.ProcessGroup | None:
     return dist.new_group(backend="gloo") if dist.is_initialized() else None
 
 
-def shutdown(ctx: DistContext) -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(ctx: DistContext, *, clean: bool = True) -> None:
+    """Leave the process group. On a clean exit every rank first meets at a barrier, so no rank tears its
+    gloo pairs down while a peer still reads from them, and the objects that hold the groups (FSDP2 device
+    meshes) are collected before the groups go; a rank that leaves on an error skips the barrier."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    if clean and ctx.enabled:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def broadcast_parameters(ctx: DistContext, model: nn.Module) -> None:

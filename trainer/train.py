@@ -317,9 +317,12 @@ def run(cfg: TrainerConfig, stop: StopFlag | None = None) -> ckpt.TrainState:
     """Train until max_batches, an idle timeout, or `stop` is set; returns the final state."""
     ctx = dist.init_distributed(cfg.device, always_group=cfg.parallelism == "fsdp")
     try:
-        return _run(cfg, ctx, stop or StopFlag())
-    finally:
-        dist.shutdown(ctx)
+        state = _run(cfg, ctx, stop or StopFlag())
+    except BaseException:
+        dist.shutdown(ctx, clean=False)
+        raise
+    dist.shutdown(ctx)
+    return state
 
 
 def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.TrainState:

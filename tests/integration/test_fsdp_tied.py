@@ -18,7 +18,7 @@ from experiments.tiny_models import build_char_tokenizer, tiny_llama_config
 from trainer import parallel
 from trainer.config import TrainerConfig
 from trainer.data import collate, sequences_of, split_even
-from trainer.dist import DistContext
+from trainer.dist import DistContext, shutdown
 
 pytestmark = pytest.mark.integration
 
@@ -63,9 +63,9 @@ def _grads(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def _rank(rank: int, world: int, store: str, out: str, compute_dtype: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    ctx = DistContext(rank=rank, world_size=world, device=torch.device("cpu"))
     try:
         seqs = _sequences()
-        ctx = DistContext(rank=rank, world_size=world, device=torch.device("cpu"))
         module = parallel.wrap_model(_model(), _cfg(parallelism="fsdp", compute_dtype=compute_dtype), ctx)
         s, e = split_even(len(seqs), world)[rank]
         mb = collate(seqs[s:e], support="teacher_topk", top_k=4, max_seq_len=64)
@@ -75,8 +75,11 @@ def _rank(rank: int, world: int, store: str, out: str, compute_dtype: str) -> No
         grads = _grads(module)  # full_tensor: a collective on every rank
         if rank == 0:
             torch.save(grads, out)
-    finally:
-        dist.destroy_process_group()
+        del module, loss
+        shutdown(ctx)  # barrier first: a rank that tears gloo down while its peer reads aborts it
+    except BaseException:
+        shutdown(ctx, clean=False)
+        raise
 
 
 @pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
