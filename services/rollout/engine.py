@@ -214,6 +214,7 @@ class GenerateParams:
     seed: int
     stop_token_ids: list[int]
     return_top_k: int
+    first_sample_index: int = 0  # sample j is sample first_sample_index + j of the same seed's n > j requests
     # set when the request is abandoned (its client disconnected): a backend decoding in a thread stops at
     # its next step; an async backend (vLLM) aborts on the task's cancellation itself
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -416,6 +417,7 @@ class RolloutEngine(ABC):
             seed=seed,
             stop_token_ids=stop,
             return_top_k=req.return_top_k,
+            first_sample_index=req.first_sample_index,
         )
 
     # -- weights ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -148,11 +148,11 @@ class RowOutput:
     top_logprobs: list[list[float]] = field(default_factory=list)
 
 
-@torch.inference_mode()
 class GenerationCancelled(Exception):
     """The request's client went away (engine.generate set GenerateParams.cancel): stop decoding."""
 
 
+@torch.inference_mode()
 def sample_rows(
     model: PreTrainedModel,
     prompts: list[list[int]],
@@ -165,9 +165,13 @@ def sample_rows(
     stop_token_ids: list[int],
     return_top_k: int = 0,
     gate: WeightsGate | None = None,
-    cancel: threading.Event | None = None,
+    cancel: threading.Event | Sequence[threading.Event] | None = None,
 ) -> list[RowOutput]:
     """Decode one completion per row; row r continues prompts[row_prompt[r]] using generators[r].
+
+    `cancel`: one event for every row, or one per row (rows of several requests decoded together): a row
+    whose event is set leaves the batch at the next step (its output is partial); once every row is
+    cancelled, GenerationCancelled is raised.
 
     Behaviour logprobs are log_softmax(logits) at temperature 1 over the full vocabulary (what an
     importance ratio needs), whatever temperature/top_p the sampling used. A stop token ends its row and
@@ -203,9 +207,10 @@ def sample_rows(
 
     rows = [RowOutput() for _ in row_prompt]
     stop = set(stop_token_ids)
+    row_cancel = [cancel] * len(row_prompt) if isinstance(cancel, threading.Event) else cancel
     active = list(range(len(row_prompt)))  # original row index of each batch row
     for step in range(max_new_tokens):
-        if cancel is not None and cancel.is_set():
+        if row_cancel is not None and all(row_cancel[r].is_set() for r in active):
             raise GenerationCancelled(f"abandoned after {step} of {max_new_tokens} new tokens")
         logp_B_V = torch.log_softmax(logits_B_V, dim=-1)
         u_B = torch.cat([torch.rand(1, generator=generators[r], dtype=torch.float64) for r in active])
@@ -226,7 +231,7 @@ def sample_rows(
                 row.top_logprobs.append(top_lps[b])
             if tok_list[b] in stop:
                 row.finish_reason = "stop"
-            elif step < max_new_tokens - 1:
+            elif step < max_new_tokens - 1 and not (row_cancel is not None and row_cancel[r].is_set()):
                 keep.append(b)
         if not keep:
             break
@@ -271,30 +276,51 @@ def sample_groups(
     max_batch_size: int,
     gate: WeightsGate | None = None,
 ) -> list[Sample]:
-    """`params.n` samples of every prompt, decoded `max_batch_size` rows at a time (each distinct prompt of
-    a batch prefilled once). Row (i, j) draws from its own generator seeded with row_seed(seed, i, j), so a
-    sample does not depend on how the rows were batched. Without a gate every sample is version 0."""
-    rows = [(i, j) for i in range(len(prompt_ids)) for j in range(params.n)]
-    samples: list[Sample] = []
+    """`params.n` samples of every prompt (one request): `sample_requests` of that request alone."""
+    return sample_requests(model, [(prompt_ids, params)], max_batch_size, gate)[0]
+
+
+def sample_requests(
+    model: PreTrainedModel,
+    requests: Sequence[tuple[list[list[int]], GenerateParams]],
+    max_batch_size: int,
+    gate: WeightsGate | None = None,
+) -> list[list[Sample]]:
+    """The samples of several requests decoded together, `max_batch_size` rows at a time, each distinct
+    prompt of a batch prefilled once (the G requests of n = 1 of one group share one prefill). The requests
+    must agree on what `sample_rows` takes once for all rows (`batch_key`). Row (request k, prompt i, sample
+    j) draws from its own generator seeded with row_seed(seed_k, i, first_sample_index_k + j), so a sample
+    does not depend on how the rows were batched. Without a gate every sample is version 0."""
+    if len({batch_key(p) for _, p in requests}) > 1:
+        raise ValueError("requests decoded together must share their sampling settings (batch_key)")
+    p0 = requests[0][1]
+    rows = [(k, i, j) for k, (ids, p) in enumerate(requests) for i in range(len(ids)) for j in range(p.n)]
+    out: list[list[Sample]] = [[] for _ in requests]
     for start in range(0, len(rows), max_batch_size):
         chunk = rows[start : start + max_batch_size]
-        distinct = sorted({i for i, _ in chunk})
-        slot = {i: s for s, i in enumerate(distinct)}
+        slot: dict[tuple[int, ...], int] = {}
+        for k, i, _ in chunk:
+            slot.setdefault(tuple(requests[k][0][i]), len(slot))
         outputs = sample_rows(
             model,
-            [prompt_ids[i] for i in distinct],
-            [slot[i] for i, _ in chunk],
-            [torch.Generator().manual_seed(row_seed(params.seed, i, j)) for i, j in chunk],
-            max_new_tokens=params.max_new_tokens,
-            temperature=params.temperature,
-            top_p=params.top_p,
-            stop_token_ids=params.stop_token_ids,
-            return_top_k=params.return_top_k,
+            [list(p) for p in slot],
+            [slot[tuple(requests[k][0][i])] for k, i, _ in chunk],
+            [
+                torch.Generator().manual_seed(
+                    row_seed(requests[k][1].seed, i, requests[k][1].first_sample_index + j)
+                )
+                for k, i, j in chunk
+            ],
+            max_new_tokens=p0.max_new_tokens,
+            temperature=p0.temperature,
+            top_p=p0.top_p,
+            stop_token_ids=p0.stop_token_ids,
+            return_top_k=p0.return_top_k,
             gate=gate,
-            cancel=params.cancel,
+            cancel=[requests[k][1].cancel for k, _, _ in chunk],
         )
-        for (i, _), row in zip(chunk, outputs, strict=True):
-            samples.append(
+        for (k, i, _), row in zip(chunk, outputs, strict=True):
+            out[k].append(
                 Sample(
                     prompt_index=i,
                     token_ids=row.token_ids,
@@ -302,11 +328,41 @@ def sample_groups(
                     finish_reason=row.finish_reason,
                     first_token_version=row.versions[0],
                     last_token_version=row.versions[-1],
-                    top_ids=row.top_ids if params.return_top_k else None,
-                    top_logprobs=row.top_logprobs if params.return_top_k else None,
+                    top_ids=row.top_ids if p0.return_top_k else None,
+                    top_logprobs=row.top_logprobs if p0.return_top_k else None,
                 )
             )
-    return samples
+    return out
+
+
+def batch_key(params: GenerateParams) -> tuple:
+    """What the rows of one decoding batch share: requests with equal keys can be decoded together."""
+    return (
+        params.max_new_tokens,
+        params.temperature,
+        params.top_p,
+        tuple(params.stop_token_ids),
+        params.return_top_k,
+    )
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[list[int]]
+    params: GenerateParams
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[list[Sample]]
+
+    def resolve(self, samples: list[Sample] | None, error: BaseException | None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the handler was cancelled meanwhile
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(samples or [])
+
+        self.loop.call_soon_threadsafe(settle)
 
 
 class HFEngine(RolloutEngine):
@@ -319,6 +375,9 @@ class HFEngine(RolloutEngine):
         # name -> the live Parameter/buffer object itself (tied names map to the same object)
         self._targets = model.state_dict(keep_vars=True)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-engine")  # generation
+        self._waiting: list[_Request] = []  # requests not yet taken by the generation thread
+        self._waiting_lock = threading.Lock()
+        self.batch_sizes: list[int] = []  # requests per decoding batch, in order (recent ones; for tests)
         self._gate = WeightsGate(self.version)  # installs land between two forwards of a generation
 
     @classmethod
@@ -353,10 +412,37 @@ class HFEngine(RolloutEngine):
 
     async def _generate(self, prompt_ids: list[list[int]], params: GenerateParams) -> list[Sample]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._generate_sync, prompt_ids, params)
+        request = _Request(prompt_ids, params, loop, loop.create_future())
+        with self._waiting_lock:
+            self._waiting.append(request)
+        self._pool.submit(self._decode_waiting)  # one turn per request: none waits unserved
+        return await request.future
 
-    def _generate_sync(self, prompt_ids: list[list[int]], params: GenerateParams) -> list[Sample]:
-        return sample_groups(self.model, prompt_ids, params, self.max_batch_size, self._gate)
+    def _decode_waiting(self) -> None:
+        """A turn of the generation thread: the oldest waiting request and every other waiting one it can be
+        decoded with (same `batch_key`: the pipelined worker's n = 1 requests) are decoded as one batch, so
+        requests that arrive while a batch decodes share the next one instead of running one by one."""
+        with self._waiting_lock:
+            abandoned = [r for r in self._waiting if r.params.cancel.is_set()]
+            waiting = [r for r in self._waiting if not r.params.cancel.is_set()]
+            key = batch_key(waiting[0].params) if waiting else None
+            batch = [r for r in waiting if batch_key(r.params) == key]
+            self._waiting = [r for r in waiting if batch_key(r.params) != key]
+        for r in abandoned:
+            r.resolve(None, GenerationCancelled("abandoned before decoding started"))
+        if not batch:
+            return
+        self.batch_sizes = [*self.batch_sizes[-999:], len(batch)]
+        try:
+            results = sample_requests(
+                self.model, [(r.prompt_ids, r.params) for r in batch], self.max_batch_size, self._gate
+            )
+        except BaseException as e:  # every request of the batch gets the error (an engine failure)
+            for r in batch:
+                r.resolve(None, e)
+            return
+        for r, samples in zip(batch, results, strict=True):
+            r.resolve(samples, None)
 
     def _prepare(self, staged: StagedWeights) -> None:
         # fresh, writable tensors on the model's device, made before the update lock (the parsed tensors

@@ -32,6 +32,13 @@ class GenerateRequest(BaseModel):
     temperature: float = Field(1.0, gt=0.0, le=100.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0, description="nucleus: smallest set with mass >= top_p")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same samples")
+    first_sample_index: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="sample j of this request is sample first_sample_index + j of a request with the same seed "
+        "and a larger n: a group's G samples sent as G requests of n = 1 are the samples of one n = G request",
+    )
     stop_token_ids: list[int] | None = Field(None, max_length=64, description="default: the model's eos")
     return_top_k: int = Field(0, ge=0, le=256, description="behaviour top-k ids/logprobs per position")
 

@@ -196,7 +196,7 @@ class VLLMEngine(RolloutEngine):
                 temperature=params.temperature,
                 top_p=params.top_p,
                 # vLLM seeds sample j of a request with seed + j; a per-prompt base keeps prompts apart
-                seed=row_seed(params.seed, i, 0) >> 2,
+                seed=(row_seed(params.seed, i, 0) >> 2) + params.first_sample_index,
                 max_tokens=params.max_new_tokens,
                 stop_token_ids=params.stop_token_ids,
                 ignore_eos=True,

@@ -5,9 +5,9 @@ score each sample's completion (top-K per position, plus the behaviour top-k ids
 student-top-K support), optionally rewards each sample with a verifier, and appends one `ExperienceGroup`
 to `opd:<run>:experience` (DESIGN.md 3.3).
 
-- Pipelining (#17): a group's G samples are G generate requests of n = 1 (seeds `sample_seed`: sample 0
-  is what n = G gives first, the others differ from n = G), each scored by the teacher as soon as it
-  finishes, so no sample waits for its group's slowest; the record is assembled once all G are scored.
+- Pipelining (#17): a group's G samples are G generate requests of n = 1 with the group's seed and
+  `first_sample_index` j, which the rollout service samples exactly as sample j of one n = G request, each
+  scored by the teacher as soon as it finishes, so no sample waits for its group's slowest; the record is assembled once all G are scored.
   Samples in flight are bounded by tokens (`max_tokens_in_flight`, each sample counting prompt +
   max_new_tokens; 0 = concurrency x group_size samples). Environment tasks (multi-turn episodes) keep
   whole groups: `concurrency` prompts in flight, each `run_one`.
@@ -54,7 +54,6 @@ from services.worker.record import (
     BadPromptError,
     build_record,
     request_seed,
-    sample_seed,
     scorable,
 )
 from services.worker.retry import ErrorKind, Stopped, call_with_retry, classify_error, short
@@ -178,7 +177,7 @@ class RolloutWorker:
     def _group_seed(self, prompt: Prompt) -> int:
         return request_seed(self.cfg.seed, prompt.row, prompt.epoch)
 
-    def _generate_request(self, prompt: Prompt, n: int, seed: int) -> GenerateRequest:
+    def _generate_request(self, prompt: Prompt, n: int, seed: int, first_sample: int = 0) -> GenerateRequest:
         cfg = self.cfg
         return GenerateRequest(
             prompts=[list(prompt.token_ids)] if prompt.token_ids else None,
@@ -188,6 +187,7 @@ class RolloutWorker:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             seed=seed,
+            first_sample_index=first_sample,
             return_top_k=cfg.top_k if cfg.support == "student_topk" else 0,
         )
 
@@ -253,7 +253,7 @@ class RolloutWorker:
         try:
             if group.failed is not None:
                 raise _Skipped
-            request = self._generate_request(group.prompt, 1, sample_seed(group.seed, index))
+            request = self._generate_request(group.prompt, 1, group.seed, first_sample=index)
             with self.metrics.generate_s.time():
                 response = self._retry(lambda: self.rollout.generate(request), "rollout_generate")
             (sample,) = response.samples

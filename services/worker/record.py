@@ -19,17 +19,6 @@ def request_seed(base: int, row: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
-def sample_seed(group_seed: int, index: int) -> int:
-    """Seed of sample `index` of a group sent as G requests of n = 1 (the pipelined worker). Sample 0 keeps
-    the group's seed, so it is the sample an n = G request with that seed gives first (the hf engine seeds
-    row (0, j) with row_seed(seed, 0, j)); the others cannot be reproduced through an n = 1 request's seed,
-    so they get seeds of their own, still a function of (group seed, index) only."""
-    if index == 0:
-        return group_seed
-    digest = hashlib.blake2b(f"{group_seed}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2**63 - 1)
-
-
 def scorable(response: GenerateResponse) -> list[Sample]:
     """Samples that can be scored: the teacher needs at least one completion position."""
     return [s for s in response.samples if s.token_ids]

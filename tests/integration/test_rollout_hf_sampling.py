@@ -6,6 +6,7 @@ import math
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -150,6 +151,26 @@ def test_same_seed_same_samples(served):
         s.token_ids for s in client.generate(unseeded).samples
     ]
     assert len({tuple(s.token_ids) for s in a.samples}) > 1  # the n samples of one prompt differ
+
+
+def test_first_sample_index_gives_the_samples_of_one_larger_request(served):
+    """A group's G samples sent as G requests of n = 1 (the pipelined worker) are one n = G request's."""
+    client = served["client"]
+    req = GenerateRequest(texts=["abc", "ddd"], n=4, max_new_tokens=16, top_p=0.9, seed=77)
+    whole = client.generate(req).samples
+    by_prompt = [[s for s in whole if s.prompt_index == i] for i in range(2)]
+
+    def same(got, want):  # same tokens; log-probs up to the batch's float summation order
+        assert [s.token_ids for s in got] == [s.token_ids for s in want]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+    for j in range(4):
+        one = client.generate(req.model_copy(update={"n": 1, "first_sample_index": j})).samples
+        same(one, [by_prompt[0][j], by_prompt[1][j]])
+    tail = client.generate(req.model_copy(update={"n": 2, "first_sample_index": 2})).samples
+    same(tail, by_prompt[0][2:] + by_prompt[1][2:])
+    assert len({tuple(s.token_ids) for s in by_prompt[0]}) > 1  # the samples differ: the index matters
 
 
 def test_behaviour_logprobs_are_untempered_untruncated_log_softmax(served):

@@ -187,6 +187,13 @@ def test_nucleus_seed_and_stop_semantics(stack):
     assert client.generate(seeded).samples == client.generate(seeded).samples
     other = client.generate(seeded.model_copy(update={"seed": 78}))
     assert [s.token_ids for s in other.samples] != [s.token_ids for s in client.generate(seeded).samples]
+    # vLLM seeds sample j of an n-sample request with seed + j: a request of n = 1 with first_sample_index j
+    # gives sample j of the n = 3 one (the pipelined worker's G requests of n = 1 are one group)
+    whole = client.generate(seeded).samples
+    for j in range(3):
+        one = client.generate(seeded.model_copy(update={"n": 1, "first_sample_index": j})).samples
+        want = [[s for s in whole if s.prompt_index == i][j] for i in range(len(PROMPTS))]
+        assert [s.token_ids for s in one] == [s.token_ids for s in want]
     stop = stack["greedy_a"][0][3]
     stopped = client.generate(
         GenerateRequest(prompts=[prompt], max_new_tokens=STEPS, top_p=1e-6, stop_token_ids=[stop])

@@ -30,7 +30,7 @@ from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 from services.worker.config import WorkerConfig
 from services.worker.loop import RolloutWorker
-from services.worker.record import request_seed, sample_seed
+from services.worker.record import request_seed
 from tests.integration.stack import loopback_stack
 
 pytestmark = pytest.mark.integration
@@ -103,7 +103,7 @@ def test_records_are_what_was_generated_and_scored(stack):
         assert rec.prompt_ids.tolist() == tok(rec.prompt_text)["input_ids"]
         assert len(rec.samples) == g
         # The rollout service gives the same samples for the same seed: the record holds exactly those
-        # (sample j: an n = 1 request seeded sample_seed(group seed, j); sample 0 is also n = G's first).
+        # (sample j: an n = 1 request with the group's seed and first_sample_index j, i.e. n = G's sample j).
         again = [
             rollout.generate(
                 GenerateRequest(
@@ -112,7 +112,8 @@ def test_records_are_what_was_generated_and_scored(stack):
                     max_new_tokens=8,
                     temperature=1.0,
                     top_p=0.9,
-                    seed=sample_seed(request_seed(11, row, 0), j),
+                    seed=request_seed(11, row, 0),
+                    first_sample_index=j,
                 )
             ).samples[0]
             for j in range(g)
@@ -120,8 +121,8 @@ def test_records_are_what_was_generated_and_scored(stack):
         group = rollout.generate(
             GenerateRequest(texts=[rec.prompt_text], n=g, max_new_tokens=8, seed=request_seed(11, row, 0))
         )
-        assert rec.samples[0].completion_ids.tolist() == group.samples[0].token_ids
-        for s, ref in zip(rec.samples, again, strict=True):
+        for s, ref, whole in zip(rec.samples, again, group.samples, strict=True):
+            assert s.completion_ids.tolist() == whole.token_ids  # the same samples as one n = G request
             assert s.completion_ids.tolist() == ref.token_ids
             np.testing.assert_allclose(s.behaviour_logprobs, ref.logprobs, atol=1e-5)
             assert s.finish_reason == ref.finish_reason
@@ -365,7 +366,7 @@ class _Rollout:
         self.inner, self.delay = inner, delay
         self.lock = threading.Lock()
         self.in_flight = self.peak = 0
-        self.finished: dict[int, float] = {}  # seed -> when its generate returned
+        self.finished: dict[tuple[int, int], float] = {}  # (seed, sample index) -> when its generate returned
 
     def generate(self, request):
         with self.lock:
@@ -374,7 +375,7 @@ class _Rollout:
         try:
             out = self.inner.generate(request)
             time.sleep(self.delay(request))
-            self.finished[request.seed] = time.monotonic()
+            self.finished[request.seed, request.first_sample_index] = time.monotonic()
             return out
         finally:
             with self.lock:
@@ -411,8 +412,8 @@ def _worker(stack, cls, rollout, run, **kw):
 
 def test_a_finished_sample_is_scored_before_its_groups_slowest_finishes(stack):
     g, seed = 3, 5
-    slow_seed = sample_seed(request_seed(seed, 0, 0), g - 1)  # row 0's last sample
-    rollout = _Rollout(stack.rollout, lambda req: 2.0 if req.seed == slow_seed else 0.0)
+    slow = (request_seed(seed, 0, 0), g - 1)  # row 0's last sample
+    rollout = _Rollout(stack.rollout, lambda req: 2.0 if (req.seed, req.first_sample_index) == slow else 0.0)
     worker = _worker(
         stack,
         _TimedWorker,
@@ -427,7 +428,7 @@ def test_a_finished_sample_is_scored_before_its_groups_slowest_finishes(stack):
     assert worker.run()["records"] == 1
     (rec,) = read_records(stack, "early")
     assert len(rec.samples) == g and rec.prompt_text == PROMPTS[0][0]
-    slow_done = rollout.finished[slow_seed]
+    slow_done = rollout.finished[slow]
     times = {tuple(c): t for rid, c, t in worker.scored if rid == rec.record_id}
     assert len(worker.scored) == g  # one teacher call per sample
     early = [times[tuple(s.completion_ids.tolist())] for s in rec.samples[: g - 1]]

@@ -12,7 +12,14 @@ from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
 from services.rollout.engine import GenerateParams
-from services.rollout.hf_engine import WeightsGate, sample_groups, sample_rows, top_p_sample
+from services.rollout.hf_engine import (
+    GenerationCancelled,
+    WeightsGate,
+    sample_groups,
+    sample_requests,
+    sample_rows,
+    top_p_sample,
+)
 
 
 def reference_nucleus(logits: list[float], temperature: float, top_p: float) -> dict[int, float]:
@@ -273,3 +280,83 @@ def test_sample_groups_reports_first_and_last_token_versions(tmp_path):
     samples = sample_groups(old, PROMPTS, params, max_batch_size=4, gate=SwapAtStep(old, new, 3))
     # rows 0-3 (prompts 0 and 1) decode in the first batch, across the swap; rows 4-5 after it
     assert [(s.first_token_version, s.last_token_version) for s in samples] == [(0, 1)] * 4 + [(1, 1)] * 2
+
+
+def _params(n: int, seed: int, first: int = 0, max_new_tokens: int = 10) -> GenerateParams:
+    return GenerateParams(
+        n=n,
+        max_new_tokens=max_new_tokens,
+        temperature=1.0,
+        top_p=0.9,
+        seed=seed,
+        stop_token_ids=[],
+        return_top_k=0,
+        first_sample_index=first,
+    )
+
+
+def test_decoding_runs_in_inference_mode(tmp_path):
+    """No autograd graph behind a generation: every forward of the loop runs under inference mode."""
+    model = peaked_llama(tmp_path, 3)
+    modes: list[bool] = []
+    model.register_forward_hook(lambda *_: modes.append(torch.is_inference_mode_enabled()))
+    sample_groups(model, PROMPTS, _params(2, 0, max_new_tokens=4), max_batch_size=8)
+    assert modes and all(modes)
+
+
+def test_requests_decoded_together_give_what_each_gives_alone(tmp_path):
+    """The hf engine decodes waiting requests as one batch: each request's samples are those it gets alone,
+    and the n = 1 request for sample j of a group is that group's sample j (one prefill for their prompt)."""
+    model = peaked_llama(tmp_path, 3)
+    requests = [
+        (PROMPTS[:2], _params(2, seed=5)),
+        ([PROMPTS[0]], _params(1, seed=5, first=1)),
+        ([PROMPTS[2]], _params(3, seed=9)),
+        ([PROMPTS[0]], _params(1, seed=5, first=0)),
+    ]
+    prefills: list[int] = []
+    model.register_forward_hook(
+        lambda _m, args, kw, _out: prefills.append(1) if kw.get("past_key_values") is None else None,
+        with_kwargs=True,
+    )
+    together = sample_requests(model, requests, max_batch_size=16)
+    assert len(prefills) == 1  # one batch: its three distinct prompts prefilled in one forward
+    for (ids, params), got in zip(requests, together, strict=True):
+        alone = sample_groups(model, ids, params, max_batch_size=16)
+        assert [s.token_ids for s in got] == [s.token_ids for s in alone]
+        assert [s.prompt_index for s in got] == [s.prompt_index for s in alone]
+        for a, b in zip(got, alone, strict=True):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    assert together[1][0].token_ids == together[0][1].token_ids  # sample 1 of prompt 0
+    assert together[3][0].token_ids == together[0][0].token_ids  # sample 0 of prompt 0
+    with pytest.raises(ValueError, match="batch_key"):
+        sample_requests(model, [requests[0], ([PROMPTS[0]], _params(1, 5, max_new_tokens=3))], 16)
+
+
+class CancelAtStep(WeightsGate):
+    """Sets `event` just before forward number `at` (0 = the prefill)."""
+
+    def __init__(self, event, at: int) -> None:
+        super().__init__(version=0)
+        self.event, self.at, self.forwards = event, at, 0
+
+    def step(self):
+        if self.forwards == self.at:
+            self.event.set()
+        self.forwards += 1
+        return super().step()
+
+
+def test_a_cancelled_request_leaves_the_batch_and_the_others_finish(tmp_path):
+    model = peaked_llama(tmp_path, 3)
+    kept, dropped = _params(2, seed=1, max_new_tokens=12), _params(2, seed=2, max_new_tokens=12)
+    batch = [(PROMPTS[:1], kept), (PROMPTS[1:2], dropped)]
+    out = sample_requests(model, batch, max_batch_size=8, gate=CancelAtStep(dropped.cancel, 4))
+    assert [len(s.token_ids) for s in out[0]] == [12, 12]  # the other request runs to its end
+    assert [s.token_ids for s in out[0]] == [
+        s.token_ids for s in sample_groups(model, PROMPTS[:1], _params(2, 1, max_new_tokens=12), 8)
+    ]
+    assert all(len(s.token_ids) <= 5 for s in out[1])  # the abandoned rows stopped decoding at once
+    with pytest.raises(GenerationCancelled):
+        everyone = _params(2, seed=1, max_new_tokens=12)
+        sample_requests(model, [(PROMPTS[:1], everyone)], 8, gate=CancelAtStep(everyone.cancel, 3))

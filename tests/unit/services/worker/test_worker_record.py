@@ -21,7 +21,7 @@ from services.teacher.client import ScoredRows
 from services.worker.config import WorkerConfig
 from services.worker.loop import RolloutWorker
 from services.worker.main import main
-from services.worker.record import BadPromptError, build_record, request_seed, sample_seed, scorable
+from services.worker.record import BadPromptError, build_record, request_seed, scorable
 from services.worker.retry import Stopped as _Stopped
 from services.worker.retry import classify_error
 
@@ -253,13 +253,6 @@ def test_record_ids_are_unique_across_workers_and_restarts():
     ids = [a.next_record_id() for _ in range(3)] + [b.next_record_id() for _ in range(3)]
     assert len(set(ids)) == 6
     assert ids[0].startswith("w0-") and ids[0].endswith("-0") and ids[2].endswith("-2")
-
-
-def test_sample_seeds_keep_sample_0_and_differ_per_sample():
-    base = request_seed(3, 7, 0)
-    seeds = [sample_seed(base, j) for j in range(8)]
-    assert seeds[0] == base and len(set(seeds)) == 8 and all(0 <= s < 2**63 for s in seeds)
-    assert seeds == [sample_seed(base, j) for j in range(8)]  # a function of (group seed, index) only
 
 
 def test_config_validation_names_the_field():
