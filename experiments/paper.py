@@ -105,6 +105,9 @@ EXPERIMENTS: dict[str, list[Variant]] = {
         _k_variant(64),
         _support_variant("student_topk"),
         _support_variant("teacher_topk_plus_sampled"),
+        # Issue 19: the two parts of special-token masking alone (the reference has both).
+        Variant("mask positions only", {"trainer": {"objective": "lsm", "mask_special_support": False}}),
+        Variant("mask support only", {"trainer": {"objective": "lsm", "mask_special_positions": False}}),
     ],
     # Table 2: the two-task setting (math + an agentic environment, one teacher each, alternating batches).
     "multitask": [

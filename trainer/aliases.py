@@ -5,20 +5,26 @@ For single-token aliases s <- a_1 .. a_m (student id s, teacher ids a_i; the ids
 teacher distribution the student is trained towards is the push-forward
 
     q'(s)   = q(s) + sum_i q(a_i)        (log-add-exp of the teacher's log-probabilities)
-    q'(a_i) = 0                          (FOREIGN_LOGPROB where a finite value is needed)
+    q'(a_i) = 0                          (no mass: a_i leaves every support, and its reward is 0)
     q'(v)   = q(v)                       every other id
 
 and every place the trainer reads the teacher uses q':
 
-    target      log q'(y_t) for the sampled token (sampled-token OPD, the sampled slot of a support)
+    target      log q'(y_t) for the sampled token (sampled-token OPD, the sampled slot of a support); where
+                y_t is some a_i, log q'(y_t) = -inf is not a usable reward: the position's reward is 0 and
+                its sampled slot is masked (`rewrite_sample`'s target_ok)
     teacher top-K   each a_i is reported as s, duplicates merged into one slot holding log q'(s); the freed
                 slot is masked; the row is re-sorted and cut to K (so with more than K ids in the record the
                 (K+1)-th teacher id moves up)
-    student top-K   log q'(v) at the behaviour top-k ids
-    full KL     the row covers the vocabulary: s holds log q'(s), each a_i FOREIGN_LOGPROB
+    student top-K   log q'(v) at the behaviour top-k ids; a behaviour top id a_i is masked
+    full KL     the row covers the vocabulary: s holds log q'(s), each a_i FOREIGN_LOGPROB (the one place
+                the floor remains: the full-vocabulary reference has no support mask)
+
+No loss or gradient of the LSM and sampled-token objectives depends on the value of FOREIGN_LOGPROB.
 
 q(s) and q(a_i) on every row come from the teacher's candidates, which the worker asks for every row
-(services/worker/aliasing.py). Multi-token aliases were already folded by the worker; here they only count.
+(services/worker/aliasing.py). Multi-token aliases were already folded by the worker (rows as the teacher
+wrote them, the target of s teacher-forced); here their student ids leave the teacher's rows (`row_dropped`).
 """
 
 from __future__ import annotations
@@ -33,6 +39,13 @@ from torch import Tensor
 
 from services.common.experience import SampleRecord
 from services.common.token_aliases import FOREIGN_LOGPROB, AliasMap, parse_aliases, resolve_aliases
+
+
+def load_tokenizer(path: str) -> Any:
+    """A Hugging Face tokenizer by hub id or path (lazy import: transformers is heavy)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
 
 
 def lookup_ids(ids_L_X: np.ndarray, cand_ids_L_C: np.ndarray, cand_lp_L_C: np.ndarray) -> np.ndarray:
@@ -113,18 +126,20 @@ class TrainerAliases:
         self.members = [torch.tensor(m, dtype=torch.int64) for m in groups.values()]
         self.member_cols = [[col[i] for i in m] for m in groups.values()]
         self.foreign = torch.from_numpy(amap.foreign_ids)
+        # int64 [M]: student ids with a multi-token spelling; their teacher value q'(s) = q(spelling | c)
+        # is known only where the student wrote s (teacher-forced), so no row holds them (docs/aliases.md)
+        self.row_dropped = torch.tensor(sorted(amap.spellings), dtype=torch.int64)
         self.eos_id = eos_id
         self.other_special_ids = np.array(sorted(set(other_special_ids)), dtype=np.int64)
 
     @classmethod
-    def from_config(cls, raw: Any, tokenizer: Any, teacher_tokenizer_path: str = "") -> TrainerAliases:
-        teacher_tok = None
+    def from_config(cls, raw: Any, tokenizer: Any, teacher_tokenizer: Any = None) -> TrainerAliases:
+        """`teacher_tokenizer` (a loaded tokenizer, its path, or None / "") resolves the teacher side of string
+        aliases."""
         specs = parse_aliases(raw)
-        if specs and teacher_tokenizer_path:
-            from transformers import AutoTokenizer
-
-            teacher_tok = AutoTokenizer.from_pretrained(teacher_tokenizer_path)
-        amap = resolve_aliases(specs, tokenizer, teacher_tok) if specs else AliasMap()
+        if isinstance(teacher_tokenizer, str):
+            teacher_tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer and specs else None
+        amap = resolve_aliases(specs, tokenizer, teacher_tokenizer) if specs else AliasMap()
         eos = tokenizer.eos_token_id
         plain = {eos, tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id}
         return cls(amap, eos, [i for i in tokenizer.all_special_ids if i not in plain])
@@ -153,9 +168,11 @@ class TrainerAliases:
 
     def rewrite_sample(
         self, s: SampleRecord, length: int, support: str, k: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Support ids [L, k], log q' [L, k], keep [L, k] and the target log q'(y_t) [L] of one sample's first
-        `length` positions (module docstring). The record passed `check_sample`."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Support ids [L, k], log q' [L, k], keep [L, k], the target log q'(y_t) [L] and target_ok [L] (False
+        where y_t is a teacher-side alias id: q'(y_t) = 0, no reward) of one sample's first `length`
+        positions (module docstring). Values at masked slots and at targets not ok are FOREIGN_LOGPROB and
+        reach no loss. The record passed `check_sample`."""
         assert s.teacher_candidate_ids is not None and s.teacher_candidate_logprobs is not None
         L = length
         alias_lp = lookup_ids(
@@ -172,6 +189,7 @@ class TrainerAliases:
             self.students,
             self.foreign,
         )[:, 0]
+        target_ok_L = ~torch.isin(y_L1[:, 0], self.foreign)
         if support == "student_topk":
             assert s.behaviour_top_ids is not None  # check_record: student_topk records carry them
             ids = torch.from_numpy(s.behaviour_top_ids[:L, :k].astype(np.int64))
@@ -179,7 +197,7 @@ class TrainerAliases:
                 lookup_ids(ids.numpy(), s.teacher_candidate_ids[:L], s.teacher_candidate_logprobs[:L])
             )
             lp = merged_values(ids, raw, merged_L_G, self.students, self.foreign)
-            keep = torch.ones_like(ids, dtype=torch.bool)
+            keep = ~torch.isin(ids, self.foreign)
         else:
             ids, lp, keep = merge_topk(
                 torch.from_numpy(s.teacher_topk_ids[:L].astype(np.int64)),
@@ -190,7 +208,7 @@ class TrainerAliases:
                 self.foreign,
                 k,
             )
-        return ids.numpy(), lp.numpy(), keep.numpy(), target_L.numpy()
+        return ids.numpy(), lp.numpy(), keep.numpy(), target_L.numpy(), target_ok_L.numpy()
 
     def batch_metrics(self, samples: Sequence[SampleRecord], k: int) -> dict[str, float]:
         """Per batch: how often each alias fired, and how the completions ended.

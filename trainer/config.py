@@ -23,6 +23,8 @@ PUSH_MODES = ("http", "shared", "collective")
 COLLECTIVE_BACKENDS = ("auto", "gloo", "nccl")
 PARALLELISMS = ("replicate", "fsdp")
 CHECKPOINTING = ("auto", "on", "off")
+SWITCHES = ("auto", "on", "off")
+SAMPLED_TOKEN_OBJECTIVES = ("sampled_token", "gamma")
 
 
 @dataclass
@@ -88,13 +90,28 @@ class TrainerConfig(ConfigBase):
     gamma: float = opt(1.0, "objective 'gamma': discount of the return-to-go (0 = token-level OPD)")
     clip_low: float = opt(0.2, "PPO ratio clip below 1 (sampled_token, gamma)")
     clip_high: float = opt(0.2, "PPO ratio clip above 1 (sampled_token, gamma)")
-    special_token_masking: bool = opt(True, "drop positions whose sampled token is special, and special ids")
-    masked_token_ids: list[int] = opt([], "ids to mask (empty = the student tokenizer's special token ids)")
+    recompute_old_logprobs: str = opt(
+        "auto",
+        "PPO old policy: on = the trainer's model before the batch's first update (ratio 1 at the first "
+        "step), off = the rollout's logprobs, auto = on for sampled_token/gamma, off for lsm/full_kl",
+    )
+    special_token_masking: bool = opt(
+        True, "special-token masking on/off; its two parts: mask_special_positions, mask_special_support"
+    )
+    mask_special_positions: bool = opt(True, "masking drops positions whose sampled token is a masked id")
+    mask_special_support: bool = opt(True, "masking drops the masked ids from every support")
+    masked_token_ids: list[int] = opt(
+        [], "ids to mask (empty = the special ids the student and teacher tokenizers disagree on)"
+    )
     token_aliases: list[Any] = opt(
         [],
         "special-token aliases [[student, teacher], ...] as the worker's (docs/aliases.md); flag/env: JSON",
     )
-    teacher_tokenizer: str = opt("", "teacher tokenizer, for token_aliases given as strings")
+    teacher_tokenizer: str = opt(
+        "",
+        "teacher tokenizer: resolves token_aliases strings and the default masked ids "
+        "(empty = the student's, i.e. the two agree on every special token)",
+    )
 
     # --- optimizer
     lr: float = opt(2e-6, "AdamW peak learning rate")
@@ -277,6 +294,10 @@ class TrainerConfig(ConfigBase):
         specs = parse_aliases(self.token_aliases)
         if self.objective == "full_kl" and any(isinstance(sp.teacher, tuple) for sp in specs):
             raise ConfigError("token_aliases: multi-token spellings are not supported with objective full_kl")
+        if self.recompute_old_logprobs not in SWITCHES:
+            raise ConfigError(
+                f"recompute_old_logprobs: {self.recompute_old_logprobs!r} is not one of {SWITCHES}"
+            )
         if self.task_schedule not in SCHEDULES:
             raise ConfigError(f"task_schedule: {self.task_schedule!r} is not one of {SCHEDULES}")
         # Not a field: the tasks are the file's [tasks.*] tables, read once here (one source of truth).
@@ -298,6 +319,13 @@ class TrainerConfig(ConfigBase):
             raise ConfigError(
                 f"eval_top_p/eval_temperature: ({self.eval_top_p}, {self.eval_temperature}) invalid"
             )
+
+    @property
+    def recompute_old(self) -> bool:
+        """Whether the PPO old policy is the trainer's own model before the batch's first update."""
+        if self.recompute_old_logprobs == "auto":
+            return self.objective in SAMPLED_TOKEN_OBJECTIVES
+        return self.recompute_old_logprobs == "on"
 
     @property
     def steps_per_batch(self) -> int:

@@ -19,6 +19,11 @@ one row per sequence in both layouts:
                          (sequence start + P - 1 + t; the start is 0 when padded); 0 where not valid
     valid_B_T            a completion token exists at t (T = longest completion)
     token_mask_B_T       it counts in the loss: valid, not an environment position, not a masked special token
+    student_step_B_T     a step of the student (valid, not an environment position): advances gamma's discount
+    reward_mask_B_T      the teacher's log q'(y_t) is defined (False where y_t is a teacher-side alias id, to
+                         which the merged teacher gives no mass: that position's reward is 0)
+    old_logprobs_B_T     the PPO old policy's log pi(y_t): the rollout's (behaviour_logprobs_B_T) as collated,
+                         replaced by the trainer's own before the batch's first update when configured
     support_*_B_T_K      the support S_t: ids, the teacher's log q at them, and which slots count
 
 Packing (padding-free) spends no compute on padding, which matters when completion lengths vary widely. With
@@ -187,8 +192,11 @@ class MiniBatch:
     positions_B_T: Tensor  # int64, index into that row
     valid_B_T: Tensor  # bool
     token_mask_B_T: Tensor  # bool
+    student_step_B_T: Tensor  # bool
+    reward_mask_B_T: Tensor  # bool
     sampled_ids_B_T: Tensor  # int64, y_t
-    behaviour_logprobs_B_T: Tensor  # float32, log pi_old(y_t)
+    behaviour_logprobs_B_T: Tensor  # float32, log pi_rollout(y_t), as sampled
+    old_logprobs_B_T: Tensor  # float32, log pi_old(y_t) of the PPO ratio
     teacher_logprobs_B_T: Tensor  # float32, log q(y_t)
     support_ids_B_T_K: Tensor  # int64
     support_teacher_logprobs_B_T_K: Tensor  # float32
@@ -307,14 +315,18 @@ def collate(
     masked_ids: Tensor | None = None,
     aliases: TrainerAliases | None = None,
     pack: bool = False,
+    mask_positions: bool = True,
+    mask_support: bool = True,
 ) -> MiniBatch:
     """Lay `seqs` out as a MiniBatch; completions longer than `max_seq_len - P` are cut.
 
     `pack` puts every sequence into one row with no padding (module docstring); the per-sequence [B, T] and
     [B, T, K] fields are the same in both layouts. `masked_ids` (int64 [M]) turns on special-token masking:
-    positions whose sampled token is in it leave the loss, and those ids leave every support. `aliases`
-    rewrites the teacher's scores to the merged distribution (trainer/aliases.py). Records are assumed to
-    have passed `check_record`.
+    with `mask_positions`, positions whose sampled token is in it leave the loss; with `mask_support`, those
+    ids leave every support. `aliases` rewrites the teacher's scores to the merged distribution
+    (trainer/aliases.py): a teacher-side alias id leaves the supports and its sampled positions get no
+    reward, and a multi-token-aliased student id leaves the teacher's rows. Records are assumed to have
+    passed `check_record`.
     """
     if not seqs:
         raise ValueError("collate: no sequences")
@@ -344,6 +356,7 @@ def collate(
     sup_ids = np.zeros((B, T, K), np.int64)
     sup_lp = np.zeros((B, T, K), np.float32)
     sup_keep = np.ones((B, T, K), bool)
+    target_ok = np.ones((B, T), bool)
     for b, (seq, P, L) in enumerate(zip(seqs, P_B, L_B, strict=True)):
         s = seq.sample
         r, o = rows_B[b], start_B[b]
@@ -361,8 +374,8 @@ def collate(
         behaviour[b, :L] = s.behaviour_logprobs[:L]
         teacher[b, :L] = s.teacher_target_logprobs[:L]
         if aliases is not None and aliases.active:
-            sup_ids[b, :L], sup_lp[b, :L], sup_keep[b, :L], teacher[b, :L] = aliases.rewrite_sample(
-                s, L, support, K
+            sup_ids[b, :L], sup_lp[b, :L], sup_keep[b, :L], teacher[b, :L], target_ok[b, :L] = (
+                aliases.rewrite_sample(s, L, support, K)
             )
         elif support == "student_topk":
             # check_record: student_topk records carry behaviour top ids and teacher candidates
@@ -382,13 +395,21 @@ def collate(
     sampled_t = torch.from_numpy(sampled)
     ids_t, lp_t = torch.from_numpy(sup_ids), torch.from_numpy(sup_lp)
     mask_t = valid_t[:, :, None].expand(B, T, K) & torch.from_numpy(sup_keep)
+    if aliases is not None and aliases.row_dropped.numel():
+        # A multi-token-aliased student id has no teacher value in a row (docs/aliases.md).
+        mask_t &= ~torch.isin(ids_t, aliases.row_dropped)
+    reward_ok = valid_t & torch.from_numpy(target_ok)
     if support == "teacher_topk_plus_sampled":
         ids_t, lp_t, mask_t = losses.add_sampled_token(
             ids_t, lp_t, mask_t, sampled_t, torch.from_numpy(teacher)
         )
         mask_t &= valid_t[:, :, None]
+        mask_t[:, :, -1] &= reward_ok  # a sampled teacher-side alias id has no teacher mass
     if masked_ids is not None:
-        token_mask, mask_t = losses.special_token_mask(sampled_t, token_mask, ids_t, mask_t, masked_ids)
+        token_mask, mask_t = losses.special_token_mask(
+            sampled_t, token_mask, ids_t, mask_t, masked_ids, positions=mask_positions, support=mask_support
+        )
+    behaviour_t = torch.from_numpy(behaviour)
     return MiniBatch(
         input_ids_B_S=torch.from_numpy(input_ids),
         attention_mask_B_S=None if pack else torch.from_numpy(attention),
@@ -397,8 +418,11 @@ def collate(
         positions_B_T=torch.from_numpy(positions),
         valid_B_T=valid_t,
         token_mask_B_T=token_mask,
+        student_step_B_T=valid_t & ~torch.from_numpy(env),
+        reward_mask_B_T=reward_ok,
         sampled_ids_B_T=sampled_t,
-        behaviour_logprobs_B_T=torch.from_numpy(behaviour),
+        behaviour_logprobs_B_T=behaviour_t,
+        old_logprobs_B_T=behaviour_t.clone(),
         teacher_logprobs_B_T=torch.from_numpy(teacher),
         support_ids_B_T_K=ids_t.long(),
         support_teacher_logprobs_B_T_K=lp_t.float(),

@@ -111,13 +111,20 @@ def _discounted_scan(rewards_B_T: Tensor, gamma: float) -> Tensor:
     return local_B_N_C.reshape(B, n_chunks * C)[:, :T]
 
 
-def discounted_returns(rewards: Tensor, token_mask: Tensor, gamma: float) -> Tensor:
-    """Discounted return-to-go A_t = sum_{t' >= t, t' unmasked} gamma^(t'-t) r_t', shape (B, T) -> (B, T).
+def discounted_returns(
+    rewards: Tensor, token_mask: Tensor, gamma: float, step_mask: Tensor | None = None
+) -> Tensor:
+    """Discounted return-to-go over the student's own steps, shape (B, T) -> (B, T).
 
-    Interpretation of "over unmasked positions": a masked position contributes no reward and gets A = 0,
-    but it still counts in the distance t' - t (discounting is by position in the sequence, not by the
-    number of unmasked tokens in between). gamma = 0 gives A_t = r_t (token-level OPD); gamma = 1 gives the
-    causal return-to-go (the sequence-level estimator). gamma must lie in [0, 1].
+        A_t = sum_{t' >= t, t' unmasked} gamma^(d(t, t')) r_t',   d(t, t') = steps in [t, t') that advance
+
+    `step_mask` (B, T) marks the positions that advance the discount: the student's own tokens. In a
+    multi-turn episode the environment's tokens sit between the student's turns; they are not steps of the
+    student, so they do not lengthen the distance (gamma discounts per decision, not per token of context).
+    None means every position is a step. A position outside `token_mask` contributes no reward and gets
+    A = 0; a masked position that is a step (a masked special token) still counts in the distance.
+    gamma = 0 gives A_t = r_t (token-level OPD); gamma = 1 the causal return-to-go (the sequence-level
+    estimator). gamma must lie in [0, 1].
     """
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
@@ -125,10 +132,21 @@ def discounted_returns(rewards: Tensor, token_mask: Tensor, gamma: float) -> Ten
     r_B_T = torch.where(mask_B_T, rewards.float(), 0.0)
     if r_B_T.shape[-1] == 0:
         return r_B_T
-    if gamma == 0.0:
+    if step_mask is not None:
+        # A reward needs a student token: a non-step position has none.
+        mask_B_T = mask_B_T & step_mask.bool()
+        r_B_T = torch.where(mask_B_T, r_B_T, 0.0)
+    if step_mask is not None and gamma not in (0.0, 1.0):
+        # Move each row's steps to its front, in order (stable sort), scan there, and scatter back; the
+        # non-steps land in the tail with reward 0 and add nothing.
+        steps_B_T = step_mask.bool()
+        order_B_T = torch.argsort((~steps_B_T).to(torch.int8), dim=-1, stable=True)
+        compact_B_T = _discounted_scan(r_B_T.gather(-1, order_B_T), gamma)
+        returns_B_T = torch.empty_like(compact_B_T).scatter_(-1, order_B_T, compact_B_T)
+    elif gamma == 0.0:
         returns_B_T = r_B_T
     elif gamma == 1.0:
-        # Reverse cumulative sum: sum over t' >= t.
+        # Reverse cumulative sum: sum over t' >= t (distance does not matter).
         returns_B_T = r_B_T.flip(-1).cumsum(-1).flip(-1)
     else:
         returns_B_T = _discounted_scan(r_B_T, gamma)
@@ -174,13 +192,22 @@ def special_token_mask(
     token_mask_BT: Tensor,  # (B, T) bool
     support_ids_BTK: Tensor,  # (B, T, K) int
     support_mask_BTK: Tensor,  # (B, T, K) bool
-    masked_ids: Tensor,  # (M,) int64, ids to drop (e.g. the tokenizer's special tokens); M may be 0
+    masked_ids: Tensor,  # (M,) int64, ids to drop (by default those the two tokenizers disagree on); M may be 0
+    positions: bool = True,
+    support: bool = True,
 ) -> tuple[Tensor, Tensor]:  # token mask (B, T), support mask (B, T, K)
-    """Drop positions whose sampled token is in ``masked_ids``, and drop masked ids from every support."""
+    """Special-token masking, in two independent parts.
+
+    `positions`: drop the positions whose sampled token is in ``masked_ids`` from the loss.
+    `support`: drop the masked ids from every support (their slots stop counting, the rest renormalise).
+    """
     masked_ids = masked_ids.to(device=sampled_ids_BT.device, dtype=torch.int64)
-    keep_token_BT = ~torch.isin(sampled_ids_BT.long(), masked_ids)
-    keep_slot_BTK = ~torch.isin(support_ids_BTK.long(), masked_ids)
-    return token_mask_BT.bool() & keep_token_BT, support_mask_BTK.bool() & keep_slot_BTK
+    token_BT, support_BTK = token_mask_BT.bool(), support_mask_BTK.bool()
+    if positions:
+        token_BT = token_BT & ~torch.isin(sampled_ids_BT.long(), masked_ids)
+    if support:
+        support_BTK = support_BTK & ~torch.isin(support_ids_BTK.long(), masked_ids)
+    return token_BT, support_BTK
 
 
 def lsm_loss(
@@ -204,23 +231,30 @@ def lsm_loss(
 
 def sampled_token_opd_loss(
     logprobs_BT: Tensor,  # (B, T) log pi_theta(y_t | c_t) under the policy being trained (has grad)
-    old_logprobs_BT: Tensor,  # (B, T) log pi_old(y_t | c_t) under the rollout (behaviour) policy
+    old_logprobs_BT: Tensor,  # (B, T) log pi_old(y_t | c_t): the PPO old policy (rollout's or recomputed)
     teacher_logprobs_BT: Tensor,  # (B, T) log q(y_t | c_t)
     token_mask_BT: Tensor,  # (B, T) bool
     gamma: float = 0.0,
     clip_low: float = 0.2,
     clip_high: float = 0.2,
+    *,
+    reward_mask_BT: Tensor | None = None,  # (B, T) bool, False where log q(y_t) is undefined: reward 0
+    step_mask_BT: Tensor | None = None,  # (B, T) bool, the student's own steps (discounted_returns)
+    behaviour_logprobs_BT: Tensor | None = None,  # (B, T) the rollout's log pi(y_t), for a metric only
 ) -> tuple[Tensor, dict[str, float]]:
     """Sampled-token OPD as a PPO-clipped policy gradient, with the gamma return-to-go estimator.
 
-    r_t = log q(y_t) - log pi_old(y_t) (no gradient), A = discounted_returns(r, mask, gamma),
-    ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t)), and per token
+    r_t = log q(y_t) - log pi_old(y_t) (no gradient; 0 where `reward_mask_BT` is False, e.g. a sampled
+    teacher-side alias id, to which the merged teacher gives no mass), A = discounted_returns(r, mask,
+    gamma, step_mask), ratio_t = exp(log pi_theta(y_t) - log pi_old(y_t)), and per token
     -min(ratio_t A_t, clip(ratio_t, 1 - clip_low, 1 + clip_high) A_t), reduced with masked_token_mean.
     gamma = 0 is token-level OPD; gamma = 1 the causal sequence-level estimator.
 
     Metrics: ``opd/clip_frac`` is the fraction of unmasked tokens where the clipped term is the smaller one
     (ratio below 1 - clip_low with A < 0, or above 1 + clip_high with A > 0): there the token gets no
-    gradient.
+    gradient. ``opd/ratio_max_dev`` is max |ratio - 1|. With `behaviour_logprobs_BT` (the old policy was
+    recomputed by the trainer), ``opd/clip_frac_rollout`` is the clip fraction the ratio to the rollout's
+    log-probabilities would have had, and ``opd/old_rollout_gap`` the mean |log pi_old - log pi_rollout|.
     """
     mask_BT = token_mask_BT.bool()
     logprobs_BT = torch.where(mask_BT, logprobs_BT.float(), 0.0)
@@ -228,21 +262,32 @@ def sampled_token_opd_loss(
     teacher_BT = torch.where(mask_BT, teacher_logprobs_BT.float(), 0.0).detach()
 
     rewards_BT = teacher_BT - old_BT
-    advantages_BT = discounted_returns(rewards_BT, mask_BT, gamma)
+    if reward_mask_BT is not None:
+        rewards_BT = torch.where(reward_mask_BT.bool(), rewards_BT, 0.0)
+    advantages_BT = discounted_returns(rewards_BT, mask_BT, gamma, step_mask_BT)
     ratio_BT = (logprobs_BT - old_BT).exp()
     unclipped_BT = ratio_BT * advantages_BT
     clipped_BT = ratio_BT.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages_BT
     per_token_BT = -torch.minimum(unclipped_BT, clipped_BT)
     loss = masked_token_mean(per_token_BT, mask_BT)
 
-    clip_frac = masked_token_mean((clipped_BT < unclipped_BT).float(), mask_BT)
+    def clip_fraction(ratio: Tensor) -> float:
+        bound = ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * advantages_BT < ratio * advantages_BT
+        return masked_token_mean(bound.float(), mask_BT).item()
+
+    ratio_dev_BT = torch.where(mask_BT, (ratio_BT.detach() - 1.0).abs(), 0.0)
     metrics = {
         "loss/sampled_token": loss.item(),
-        "opd/clip_frac": clip_frac.item(),
+        "opd/clip_frac": clip_fraction(ratio_BT.detach()),
         "opd/reward_mean": masked_token_mean(rewards_BT, mask_BT).item(),
         "opd/advantage_mean": masked_token_mean(advantages_BT, mask_BT).item(),
         "opd/ratio_mean": masked_token_mean(ratio_BT.detach(), mask_BT).item(),
+        "opd/ratio_max_dev": ratio_dev_BT.max().item() if ratio_dev_BT.numel() else 0.0,
     }
+    if behaviour_logprobs_BT is not None:
+        behaviour_BT = torch.where(mask_BT, behaviour_logprobs_BT.float(), 0.0)
+        metrics["opd/clip_frac_rollout"] = clip_fraction((logprobs_BT.detach() - behaviour_BT).exp())
+        metrics["opd/old_rollout_gap"] = masked_token_mean((old_BT - behaviour_BT).abs(), mask_BT).item()
     return loss, metrics
 
 

@@ -73,12 +73,15 @@ def head_objective(
         lp_N = heads.token_logprobs(h_N_d, weight_V_d, mb.sampled_ids_B_T[valid], cfg.chunk_size, bias_V)
         loss, metrics = losses.sampled_token_opd_loss(
             _scatter(lp_N, valid),
-            mb.behaviour_logprobs_B_T,
+            mb.old_logprobs_B_T,
             mb.teacher_logprobs_B_T,
             mb.token_mask_B_T,
             gamma=cfg.gamma if cfg.objective == "gamma" else 0.0,
             clip_low=cfg.clip_low,
             clip_high=cfg.clip_high,
+            reward_mask_BT=mb.reward_mask_B_T,
+            step_mask_BT=mb.student_step_B_T,
+            behaviour_logprobs_BT=mb.behaviour_logprobs_B_T if cfg.recompute_old else None,
         )
         if cfg.objective == "gamma":
             metrics["loss/gamma"] = metrics.pop("loss/sampled_token")
@@ -123,9 +126,11 @@ def diagnostics(
     teacher_mass_B_T = losses.support_mass(mb.support_teacher_logprobs_B_T_K, mask_B_T_K)
     gap_N = mb.teacher_logprobs_B_T[valid] - student_lp_N_K1[:, -1]
     tm = mb.token_mask_B_T
+    gap_B_T = _scatter(gap_N.float(), valid)
     return {
         "student/entropy": _token_mean(heads.chunked_entropy(h_N_d, weight_V_d, cfg.chunk_size, bias_V), mb),
-        "teacher/gap_mean": _token_mean(gap_N, mb),
+        # where the teacher's log q'(y_t) is defined (not at a sampled teacher-side alias id)
+        "teacher/gap_mean": losses.masked_token_mean(gap_B_T, tm & mb.reward_mask_B_T).item(),
         "support/student_mass": losses.masked_token_mean(student_mass_B_T, tm).item(),
         "support/teacher_mass": losses.masked_token_mean(teacher_mass_B_T, tm).item(),
     }
@@ -152,6 +157,21 @@ def compute_objective(
     if denom_tokens is not None:
         loss = loss * (mb.num_loss_tokens / max(denom_tokens, 1.0))
     return loss, metrics
+
+
+@torch.no_grad()
+def sampled_logprobs(
+    model: PreTrainedModel, mb: MiniBatch, cfg: TrainerConfig, compute_dtype: torch.dtype | None = None
+) -> Tensor:
+    """(B, T) log pi(y_t | c_t) of the sampled tokens under `model` as it is now; 0 where not valid.
+
+    The PPO old policy when `recompute_old_logprobs` is on: computed for every mini-batch of a batch before
+    its first update, so the ratio is exactly 1 at the first step (same model, same inputs, same kernels).
+    """
+    hidden_B_S_d = heads.final_hidden(model, mb.input_ids_B_S, mb.attention_mask_B_S, mb.position_ids_B_S)
+    h_N_d, weight_V_d, bias_V = _head_inputs(model, completion_hidden(hidden_B_S_d, mb), compute_dtype)
+    lp_N = heads.token_logprobs(h_N_d, weight_V_d, mb.sampled_ids_B_T[mb.valid_B_T], cfg.chunk_size, bias_V)
+    return _scatter(lp_N.float(), mb.valid_B_T)
 
 
 def _head_inputs(

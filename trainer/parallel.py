@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from trainer.config import TrainerConfig
 from trainer.data import MiniBatch
 from trainer.dist import DistContext
-from trainer.objective import compute_objective
+from trainer.objective import compute_objective, sampled_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -82,12 +82,20 @@ class ObjectiveModule(nn.Module):
         self.autocast_dtype = autocast_dtype  # replicate + bf16: the trunk runs under autocast
 
     def forward(
-        self, mb: MiniBatch, denom_tokens: float | None = None, with_diagnostics: bool = False
+        self,
+        mb: MiniBatch,
+        denom_tokens: float | None = None,
+        with_diagnostics: bool = False,
+        old_logprobs: bool = False,
     ) -> tuple[Tensor, dict[str, float]]:
+        """(loss, metrics); with `old_logprobs`, ((B, T) log pi(y_t) without grad, {}) instead (the PPO old
+        policy, trainer/objective.py `sampled_logprobs`), through the same forward as the loss."""
         ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
         if self.autocast_dtype is not None:
             ctx = torch.autocast(mb.input_ids_B_S.device.type, dtype=self.autocast_dtype)
         with ctx:
+            if old_logprobs:
+                return sampled_logprobs(self.model, mb, self.cfg, self.compute_dtype), {}
             return compute_objective(
                 self.model,
                 mb,

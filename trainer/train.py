@@ -42,12 +42,13 @@ from services.common.config import ConfigError, report_config_errors, to_dict
 from services.common.experience import ExperienceRecord, decode
 from services.common.logs import setup_logging
 from services.common.prompts import Prompt
+from services.common.token_aliases import disagreeing_special_ids
 from services.common.verifiers import Verifier, get_verifier
 from services.rollout.client import RolloutClient
 from trainer import checkpoint as ckpt
 from trainer import dist
 from trainer import tasks as task_streams
-from trainer.aliases import TrainerAliases
+from trainer.aliases import TrainerAliases, load_tokenizer
 from trainer.config import TrainerConfig, load_config
 from trainer.consumer import BatchRead
 from trainer.data import (
@@ -98,11 +99,20 @@ def vocab_size_of(model: PreTrainedModel) -> int:
     return int(head.weight.shape[0])
 
 
-def masked_ids_of(cfg: TrainerConfig, tokenizer: Any) -> torch.Tensor | None:
-    """Ids for special-token masking: the configured set, else the student tokenizer's special ids."""
-    if not cfg.special_token_masking:
+def masked_ids_of(cfg: TrainerConfig, tokenizer: Any, teacher_tokenizer: Any = None) -> torch.Tensor | None:
+    """Ids for special-token masking (None when it is off): `masked_token_ids` if given, else the special
+    ids the student and teacher tokenizers disagree on (`disagreeing_special_ids`; no teacher tokenizer
+    means the student's: none)."""
+    if not cfg.special_token_masking or not (cfg.mask_special_positions or cfg.mask_special_support):
         return None
-    ids = cfg.masked_token_ids or sorted(set(tokenizer.all_special_ids))
+    ids = cfg.masked_token_ids or disagreeing_special_ids(tokenizer, teacher_tokenizer)
+    log.info(
+        "special-token masking (positions %s, support %s): ids %s %s",
+        cfg.mask_special_positions,
+        cfg.mask_special_support,
+        ids,
+        tokenizer.convert_ids_to_tokens(ids) if ids and max(ids) < len(tokenizer) else "",
+    )
     return torch.tensor(ids, dtype=torch.int64)
 
 
@@ -168,6 +178,8 @@ def _micro_shards(
             masked_ids=masked_ids,
             aliases=aliases,
             pack=cfg.pack_sequences,
+            mask_positions=cfg.mask_special_positions,
+            mask_support=cfg.mask_special_support,
         ).to(device)
         for g in groups
     ]
@@ -192,16 +204,22 @@ def train_batch(
     divided by the mini-batch's global token count, so the accumulated, rank-summed gradient is the
     full mini-batch's (trainer/dist.py). Under FSDP2 every rank runs the same number of forward/backward
     passes (each holds collectives): a rank with fewer micro-batches repeats its last one at weight 0.
+
+    With `cfg.recompute_old`, every micro-batch of every mini-batch first gets the PPO old policy's
+    log-probabilities from the model as it is before the batch's first update (no grad), so the ratio is 1
+    at the first step and later steps measure how far the batch's own updates moved the policy.
     """
     seqs = sequences_of(records)
     params = [p for p in module.parameters() if p.requires_grad]
     sharded = is_sharded(module)
     per_step: list[dict[str, float]] = []
-    t_collate = t_loss = t_optim = 0.0
+    t_collate = t_loss = t_optim = t_old = 0.0
     tokens = 0
     micro_total = 0
-    for step_i, (s, e) in enumerate(split_even(len(seqs), cfg.steps_per_batch)):
-        tc = time.perf_counter()
+    # (this rank's sequences, its micro-batches, the mini-batch's global token count, passes) per step
+    steps: list[tuple[list[TrainSequence], list[MiniBatch], float, int]] = []
+    tc = time.perf_counter()
+    for s, e in split_even(len(seqs), cfg.steps_per_batch):
         rs, re = split_even(e - s, ctx.world_size)[ctx.rank]
         mine = seqs[s + rs : s + re]
         if not mine:
@@ -213,9 +231,19 @@ def train_batch(
             n_micro = int(dist.all_reduce_max(ctx, [float(len(shards))])[0])
         tokens += int(global_tokens)
         micro_total += n_micro
+        steps.append((mine, shards, global_tokens, n_micro))
+    t_collate = time.perf_counter() - tc
+    if cfg.recompute_old:
+        for _, shards, _, n_micro in steps:
+            for i in range(n_micro):  # padding passes too: under FSDP every forward is a collective
+                mb = shards[min(i, len(shards) - 1)]
+                mb.old_logprobs_B_T = module(mb, old_logprobs=True)[0]
+        _sync(ctx.device)
+        t_old = time.perf_counter() - tc - t_collate
 
+    for step_i, (mine, shards, global_tokens, n_micro) in enumerate(steps):
         t0 = time.perf_counter()
-        t_collate += t0 - tc
+        local_tokens = sum(mb.num_loss_tokens for mb in shards)
         extra: dict[str, float] = {}
         if with_grad_variance and step_i == 0 and ctx.is_main:
             whole = collate(
@@ -225,7 +253,11 @@ def train_batch(
                 max_seq_len=cfg.max_seq_len,
                 masked_ids=masked_ids,
                 aliases=aliases,
+                mask_positions=cfg.mask_special_positions,
+                mask_support=cfg.mask_special_support,
             ).to(ctx.device)
+            if cfg.recompute_old:  # replicate only (config): a forward on rank 0 alone is no collective
+                whole.old_logprobs_B_T = module(whole, old_logprobs=True)[0]
             extra = lm_head_gradient_variance(module.model, whole, cfg, cfg.grad_variance_micro)
         optimizer.zero_grad(set_to_none=True)
         parts: list[tuple[dict[str, float], float]] = []
@@ -255,6 +287,7 @@ def train_batch(
     out.update(
         {
             "time/collate": t_collate,
+            "time/old_logprobs": t_old,
             "time/loss": t_loss,
             "time/optim": t_optim,
             "train/tokens": float(tokens),
@@ -330,8 +363,9 @@ def _run(cfg: TrainerConfig, ctx: dist.DistContext, stop: StopFlag) -> ckpt.Trai
     model, tokenizer = load_student(cfg, ctx.device)
     vocab_size = vocab_size_of(model)
     check_setup(cfg, vocab_size, ctx.world_size)
-    masked_ids = masked_ids_of(cfg, tokenizer)
-    aliases = TrainerAliases.from_config(cfg.token_aliases, tokenizer, cfg.teacher_tokenizer)
+    teacher_tokenizer = load_tokenizer(cfg.teacher_tokenizer) if cfg.teacher_tokenizer else None
+    masked_ids = masked_ids_of(cfg, tokenizer, teacher_tokenizer)
+    aliases = TrainerAliases.from_config(cfg.token_aliases, tokenizer, teacher_tokenizer)
     dist.broadcast_parameters(ctx, model)  # every rank starts from rank 0's weights, then shards them
     module = wrap_model(model, cfg, ctx)
     optimizer = torch.optim.AdamW(

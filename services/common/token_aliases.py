@@ -227,3 +227,27 @@ def _check_consistent(aliases: list[Alias]) -> None:
             raise ConfigError(
                 f"{where}: teacher id {t} is itself an aliased student id (chains of aliases are ambiguous)"
             )
+
+
+def disagreeing_special_ids(student_tokenizer: Any, teacher_tokenizer: Any) -> list[int]:
+    """The ids special-token masking drops by default: those on which the two tokenizers disagree.
+
+    An id is in the set when it is a special token of either tokenizer whose token string has a different id
+    in the other tokenizer or is absent from it, or when it is the end marker of one and not the other
+    (different `eos_token_id`s: both end markers). A special token both tokenizers hold at the same id with
+    the same role (Qwen2.5 student and teacher share `<|im_end|>` as their end marker) is not masked, so
+    stopping keeps its signal. The same tokenizer on both sides (or None for the teacher) gives [].
+    """
+    if teacher_tokenizer is None or teacher_tokenizer is student_tokenizer:
+        return []
+    out: set[int] = set()
+    pair = (student_tokenizer, teacher_tokenizer)
+    for mine, other in (pair, pair[::-1]):
+        my_vocab, other_vocab = mine.get_vocab(), other.get_vocab()
+        for tok in mine.all_special_tokens:
+            if tok in my_vocab and other_vocab.get(tok) != my_vocab[tok]:
+                out.add(int(my_vocab[tok]))
+    eos = {t.eos_token_id for t in pair} - {None}
+    if len(eos) > 1:
+        out |= {int(i) for i in eos}
+    return sorted(out)

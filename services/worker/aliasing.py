@@ -9,11 +9,12 @@ Multi-token aliases s <- a_1 .. a_n: the teacher scores a rewritten sequence in 
 completion) is replaced by its spelling; the rows are then folded back onto the student positions:
 
     target   log q'(s) = sum_j log q(a_j | ctx, a_<j)                 (teacher-forced, exact)
-    top-K    the teacher's row at a_1 (next-token distribution there), with s added at log q'(s) (merged by
-             log-add-exp with s's own entry) and a_1 lowered to its remaining mass log(q(a_1) - q'(s)),
-             re-sorted and cut to K                                     (approximation, see the docs)
-    cand.    the same two changes on the candidate row at a_1
-    other positions: the teacher's row at the matching position of the rewritten sequence.
+    rows     top-K and candidates: the teacher's row at the first teacher token of each student position,
+             as the teacher wrote it (its next-token distribution given the prefix in its own spelling)
+
+A row is a function of the prefix only, whatever the student sampled there: the teacher's mass for s
+(the whole spelling) would need the spelling teacher-forced at every prefix, so no row resolves it, not
+even where the student wrote s (the trainer drops s from the rows; docs/aliases.md).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from services.common.config import ConfigError
-from services.common.token_aliases import FOREIGN_LOGPROB, AliasMap, parse_aliases, resolve_aliases
+from services.common.token_aliases import AliasMap, parse_aliases, resolve_aliases
 from services.teacher.client import ScoredRows
 
 log = logging.getLogger(__name__)
@@ -63,48 +64,15 @@ def spell_out(
     return Spelled(seq, len(prompt), np.asarray(first, np.int64), np.asarray(span, np.int64))
 
 
-def _residual(first_lp: float, spelled_lp: float) -> float:
-    """log(q(a_1) - q(a_1 .. a_n)): the mass of a_1 not continued by the rest of the spelling, floored."""
-    gap = spelled_lp - first_lp  # <= 0 up to rounding
-    if gap >= -1e-7:
-        return FOREIGN_LOGPROB
-    return max(first_lp + float(np.log(-np.expm1(gap))), FOREIGN_LOGPROB)
-
-
-def fold_rows(
-    rows: ScoredRows,
-    spelled: Spelled,
-    completion_ids: Sequence[int],
-    spellings: dict[int, tuple[int, ...]],
-    candidate_ids_LC: np.ndarray | None = None,
-) -> ScoredRows:
+def fold_rows(rows: ScoredRows, spelled: Spelled) -> ScoredRows:
     """The teacher's rows of a `spell_out` sequence -> one row per student completion position (docstring
-    of this module). `candidate_ids_LC` are the candidates of the student rows, when any were asked."""
+    of this module): each student position's target is the sum of its teacher tokens' targets (the whole
+    spelling, teacher-forced), its top-K and candidate rows those of its first teacher token."""
     r_L, n_L = spelled.first_row_L, spelled.span_L
     csum = np.concatenate([[0.0], np.cumsum(rows.target_logprobs.astype(np.float64))])
     target_L = (csum[r_L + n_L] - csum[r_L]).astype(np.float32)
-    ids_LK = rows.topk_ids[r_L].copy()
-    lp_LK = rows.topk_logprobs[r_L].copy()
-    cand_LC = None if rows.candidate_logprobs is None else rows.candidate_logprobs[r_L].copy()
-    K = ids_LK.shape[1]
-    for t in np.nonzero(n_L > 1)[0]:
-        s = int(completion_ids[t])
-        first = spellings[s][0]
-        spelled_lp = float(target_L[t])
-        rest = _residual(float(rows.target_logprobs[r_L[t]]), spelled_lp)
-        row = dict(zip(ids_LK[t].tolist(), lp_LK[t].tolist(), strict=True))
-        if first in row:
-            row[first] = rest
-        row[s] = float(np.logaddexp(row[s], spelled_lp)) if s in row else spelled_lp
-        best = sorted(row.items(), key=lambda kv: -kv[1])[:K]
-        ids_LK[t] = [i for i, _ in best]
-        lp_LK[t] = [v for _, v in best]
-        if cand_LC is not None and candidate_ids_LC is not None:
-            c_ids = candidate_ids_LC[t]
-            c_row = cand_LC[t].astype(np.float64)
-            c_row = np.where(c_ids == first, rest, c_row)
-            cand_LC[t] = np.where(c_ids == s, np.logaddexp(c_row, spelled_lp), c_row)
-    return ScoredRows(ids_LK, lp_LK, target_L, cand_LC)
+    cand_LC = None if rows.candidate_logprobs is None else rows.candidate_logprobs[r_L]
+    return ScoredRows(rows.topk_ids[r_L], rows.topk_logprobs[r_L], target_L, cand_LC)
 
 
 class WorkerAliases:
@@ -187,10 +155,7 @@ class WorkerAliases:
             for c, sp in zip(candidates, spelled, strict=True)
         ]
         scored = score_fn([sp.token_ids for sp in spelled], [sp.score_from for sp in spelled], teacher_cands)
-        return [
-            fold_rows(rows, sp, comp, self.spellings, cand)
-            for rows, sp, comp, cand in zip(scored, spelled, completions, candidates, strict=True)
-        ]
+        return [fold_rows(rows, sp) for rows, sp in zip(scored, spelled, strict=True)]
 
 
 def _rows_for(cands_LC: np.ndarray, sp: Spelled) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Single-token aliases in the trainer: loss and gradient through collate + head_objective equal a reference
-that rewrites the full-vocabulary teacher distribution by hand (push-forward q'(s) = q(s) + q(a), q'(a) = 0
-floored at FOREIGN_LOGPROB) and computes each objective from its definition."""
+that rewrites the full-vocabulary teacher distribution by hand (push-forward q'(s) = q(s) + q(a), q'(a) = 0:
+a leaves every support and a sampled a earns no reward; only full_kl reads the floor FOREIGN_LOGPROB) and
+computes each objective from its definition."""
 
 import math
 
@@ -83,8 +84,8 @@ def make_sample(
 
 
 def reference_support(lq_L_V, merged_L_V, t: int, support: str, k: int, k_rec: int) -> list[int]:
-    if support == "student_topk":
-        return BEHAVIOUR_TOP[t][:k]
+    if support == "student_topk":  # q'(a) = 0: a teacher-side alias id is not in the support
+        return [v for v in BEHAVIOUR_TOP[t][:k] if v not in TEACHER_OF]
     recorded = torch.argsort(-lq_L_V[t], stable=True)[:k_rec].tolist()
     ids: list[int] = []
     for v in recorded:  # the alias id is reported as the student id, duplicates merged
@@ -92,7 +93,7 @@ def reference_support(lq_L_V, merged_L_V, t: int, support: str, k: int, k_rec: i
         if u not in ids:
             ids.append(u)
     ids = sorted(ids, key=lambda u: -merged_L_V[t, u].item())[:k]
-    if support == "teacher_topk_plus_sampled" and SAMPLED[t] not in ids:
+    if support == "teacher_topk_plus_sampled" and SAMPLED[t] not in ids and SAMPLED[t] not in TEACHER_OF:
         ids.append(SAMPLED[t])
     return ids
 
@@ -107,7 +108,8 @@ def reference_loss(objective, support, k, k_rec, h, w, lq_L_V, old_L, clip=0.2):
             total = total + (log_p.exp() * (log_p - merged[t])).sum()
         elif objective == "sampled_token":
             lp = torch.log_softmax(logits[t], -1)[SAMPLED[t]]
-            adv = merged[t, SAMPLED[t]] - old_L[t].double()
+            # a sampled teacher-side alias id: log q' = -inf is no usable reward; it earns 0
+            adv = 0.0 if SAMPLED[t] in TEACHER_OF else merged[t, SAMPLED[t]] - old_L[t].double()
             ratio = (lp - old_L[t].double()).exp()
             total = total - torch.minimum(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv)
         else:
@@ -161,6 +163,34 @@ def test_loss_and_gradient_match_the_hand_merged_reference(objective, support, k
     assert loss.item() == pytest.approx(ref.item(), rel=1e-4, abs=1e-5)
     torch.testing.assert_close(h.grad, h_ref.grad.float(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(w.grad, w_ref.grad.float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("objective", "support", "k", "k_rec"),
+    [c for c in CASES if c[0] != "full_kl"] + [("gamma", "teacher_topk", 4, 4)],
+)
+def test_nothing_depends_on_the_floor_value(monkeypatch, objective, support, k, k_rec):
+    """Loss and gradients with FOREIGN_LOGPROB = -30 and with -3 are identical: the floor reaches no loss."""
+    torch.manual_seed(3)
+    lq = teacher_logprobs()
+    h0, w0 = torch.randn(L, D), torch.randn(V, D)
+    sample = make_sample(lq, k_rec, torch.log_softmax(h0 @ w0.T, -1)[torch.arange(L), SAMPLED] - 0.1)
+    seq = TrainSequence(np.array([0, 4], np.int32), sample, 0, "r")
+    cfg = TrainerConfig(
+        model="x", objective=objective, support=support, top_k=k, gamma=1.0, special_token_masking=False
+    )
+    results = []
+    for floor in (FOREIGN_LOGPROB, -3.0):
+        monkeypatch.setattr("trainer.aliases.FOREIGN_LOGPROB", floor)
+        h, w = h0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        mb = collate([seq], support=support, top_k=k, max_seq_len=64, aliases=table())
+        loss, metrics = head_objective(h, w, None, mb, cfg)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad, metrics))
+    (l1, gh1, gw1, m1), (l2, gh2, gw2, m2) = results
+    assert torch.equal(l1, l2) and torch.equal(gh1, gh2) and torch.equal(gw1, gw2)
+    assert m1 == m2
+    assert gw1.abs().sum() > 0
 
 
 def _record(seq):

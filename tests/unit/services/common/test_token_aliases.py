@@ -85,3 +85,49 @@ def test_configs_take_toml_lists_and_json_from_env_and_flags():
     assert worker.token_aliases == [[3, 4]]
     with pytest.raises(ConfigError, match="student"):
         build_config(WorkerConfig, dict(prompts="p.jsonl", token_aliases=[[None, 4]]), env={})
+
+
+# --- the default masked ids: special tokens the student and teacher tokenizers disagree on
+
+
+def _char_tok(specials, eos):
+    from experiments.tiny_models import build_char_tokenizer
+
+    return build_char_tokenizer("abc", specials, eos_token=eos)
+
+
+def test_same_tokenizer_or_none_disagrees_on_nothing():
+    from services.common.token_aliases import disagreeing_special_ids
+
+    tok = _char_tok(("<pad>", "<s>", "<unk>", "<|im_end|>"), "<|im_end|>")
+    assert disagreeing_special_ids(tok, None) == [] and disagreeing_special_ids(tok, tok) == []
+    # a separate copy with the same tokens, ids and end marker (Qwen2.5 student and teacher): nothing masked,
+    # the shared end marker keeps its gradient
+    same = _char_tok(("<pad>", "<s>", "<unk>", "<|im_end|>"), "<|im_end|>")
+    assert disagreeing_special_ids(tok, same) == []
+
+
+def test_disagreement_reference():
+    """Reference from the definition: special ids of either side whose string has another id (or none) on
+    the other side, plus both end markers when they differ."""
+    from services.common.token_aliases import disagreeing_special_ids
+
+    student = _char_tok(("<pad>", "<s>", "<unk>", "</s>", "<|im_end|>"), "</s>")
+    # the teacher: same specials at the same ids, its own end marker (the toy task's pair)
+    teacher = _char_tok(("<pad>", "<s>", "<unk>", "</s>", "<|im_end|>"), "<|im_end|>")
+    assert disagreeing_special_ids(student, teacher) == sorted(
+        [student.convert_tokens_to_ids("</s>"), student.convert_tokens_to_ids("<|im_end|>")]
+    )
+    # a teacher whose <|im_end|> has another id and that lacks </s> and adds <think>
+    other = _char_tok(("<pad>", "<s>", "<unk>", "<think>", "<|im_end|>"), "<|im_end|>")
+    s_vocab, t_vocab = student.get_vocab(), other.get_vocab()
+    expected = set()
+    for mine, theirs, tok in ((s_vocab, t_vocab, student), (t_vocab, s_vocab, other)):
+        for name in tok.all_special_tokens:
+            if theirs.get(name) != mine[name]:
+                expected.add(mine[name])
+    expected |= {student.eos_token_id, other.eos_token_id}
+    got = disagreeing_special_ids(student, other)
+    assert got == sorted(expected)
+    assert s_vocab["<pad>"] not in got  # agreed on: same id on both sides
+    assert t_vocab["<think>"] in got and s_vocab["</s>"] in got
