@@ -351,3 +351,86 @@ def test_healthcheck_pings_redis_for_the_trainer(tmp_path) -> None:
     # Redis is gone: unhealthy, quickly (no client retries).
     with pytest.raises(healthcheck.Unhealthy, match="redis PING"):
         healthcheck.check(trainer)
+
+
+# ---------------------------------------------------------------- opd-healthcheck: a teacher with TLS
+
+
+def _fake_proc(root: Path, argv: list[str], environ: dict[str, str]) -> Path:
+    """A /proc with one process: what find_opd_process reads of a container's `opd` process."""
+    d = root / "7"
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in environ.items()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_model(tmp_path_factory) -> Path:
+    from experiments.tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("hc-teacher") / "m", seed=0)
+
+
+def test_healthcheck_speaks_tls_to_a_real_teacher(tiny_teacher_model, tls_files, tmp_path) -> None:
+    """A real teacher server with TLS and a token on loopback: the health check (its main, exit status)
+    is 0 with the CA that signed the certificate, and 1 with another CA, in plaintext, or once the server
+    is down."""
+    from services.teacher.config import TeacherConfig
+    from services.teacher.scorer import HFScorer
+    from services.teacher.server import run_server
+
+    port = free_port()
+    toml = tmp_path / "opd.toml"
+    toml.write_text(
+        f'[teacher]\nmodel = "{tiny_teacher_model}"\ndevice = "cpu"\nport = {port}\n'
+        f'tls_cert_file = "{tls_files.cert_file}"\ntls_key_file = "{tls_files.key_file}"\n'
+        'token = "hc-token-0123456789"\n'
+    )
+    argv = ["/opt/venv/bin/python", "/opt/venv/bin/opd", "teacher", "serve", "--config", str(toml)]
+
+    def probe(name: str, environ: dict[str, str], args: list[str] = argv) -> int:
+        return healthcheck.main(_fake_proc(tmp_path / name, args, environ))
+
+    verified = {healthcheck.TLS_CA_FILE_ENV: tls_files.ca_file}
+    cfg = TeacherConfig(
+        model=str(tiny_teacher_model),
+        device="cpu",
+        port=port,
+        host="127.0.0.1",
+        token="hc-token-0123456789",
+        tls_cert_file=tls_files.cert_file,
+        tls_key_file=tls_files.key_file,
+    )
+    with run_server(cfg, scorer=HFScorer(str(tiny_teacher_model), device="cpu", dtype="float32")):
+        assert probe("ok", verified) == 0
+        # the certificate names 127.0.0.1 too: the name to verify is configurable
+        assert probe("ip", {**verified, healthcheck.TLS_SERVER_NAME_ENV: "127.0.0.1"}) == 0
+        assert probe("other-ca", {healthcheck.TLS_CA_FILE_ENV: tls_files.other_ca_file}) == 1
+        assert probe("system-cas", {}) == 1  # the test CA is not a system CA
+        assert probe("wrong-name", {**verified, healthcheck.TLS_SERVER_NAME_ENV: "teacher.example"}) == 1
+        assert probe("no-ca-file", {healthcheck.TLS_CA_FILE_ENV: str(tmp_path / "missing.pem")}) == 1
+        # a plaintext probe of the TLS port (the config without TLS) gets no answer
+        plain = tmp_path / "plain.toml"
+        plain.write_text(f'[teacher]\nmodel = "{tiny_teacher_model}"\nport = {port}\n')
+        assert probe("plaintext", verified, [*argv[:-1], str(plain)]) == 1
+    assert probe("down", verified) == 1
+
+
+def test_healthcheck_merges_the_workers_task_table(http_server) -> None:
+    """A worker of the multitask file runs with [tasks.<OPD_WORKER_TASK>] over [worker]: the health check
+    builds the same config (without the merge the config lacks prompts and fails), then probes metrics."""
+    port, _ = http_server
+    toml = ROOT / "deploy" / "k8s" / "overlays" / "multitask-gpu" / "opd.toml"
+    worker = healthcheck.OpdProcess(
+        1,
+        ("rollout", "work"),
+        ["--config", str(toml)],
+        {"OPD_WORKER_TASK": "alfworld", "OPD_WORKER_METRICS_PORT": str(port)},
+    )
+    cfg = healthcheck.process_config(worker)
+    assert (cfg.task, cfg.env, cfg.teacher) == ("alfworld", "alfworld", ["dns:///teacher-alfworld:50051"])
+    assert healthcheck.check(worker) == f"worker http://127.0.0.1:{port}/metrics up"
+    worker.environ.pop("OPD_WORKER_TASK")
+    with pytest.raises(Exception, match="name this worker's"):
+        healthcheck.check(worker)
