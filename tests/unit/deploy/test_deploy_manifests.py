@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,11 @@ DOCKERFILE = DEPLOY / "docker" / "Dockerfile"
 COMPOSE_SCHEMA = DEPLOY / "schema" / "compose-spec.json"
 COMPOSE_SCHEMA_SHA256 = "d549057ebc2925f39f62799eab0db7b9e2c18b35b6c00595199116da3ed10e64"
 OVERLAYS = ("cpu-dev", "gpu-prod")
+# Every overlay, the multitask and teacher-only ones included (tests/unit/deploy/test_deploy_multitask.py,
+# the teacher-only tests below): what the checks of all overlays run over.
+ALL_OVERLAYS = ("cpu-dev", "gpu-prod", "multitask-gpu", "teacher-only")
+# Objects of CRDs (Prometheus Operator, Gateway API): kubernetes-validate has no schema for them.
+CRD_KINDS = {"PodMonitor", "GRPCRoute"}
 PROFILES = {"cpu": "cpu-dev", "gpu": "gpu-prod"}  # compose profile -> the overlay whose opd.toml it mounts
 CONFIG_CLASSES: dict[tuple[str, ...], type] = {
     ("teacher", "serve"): TeacherConfig,
@@ -76,8 +82,20 @@ CONFIG_MOUNT = "/etc/opd/opd.toml"
 SECRETS_DIR = "/run/secrets/opd"
 SECRET_KEYS = {"teacher_token", "weights_token", "redis_password"}
 WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]"}
-# Variables the manifests may set that are not `<ENV_PREFIX><FIELD>`: read by opd-entrypoint or by code.
-EXTRA_ENV = {REDIS_PASSWORD_FILE_ENV, WEIGHTS_TOKEN_ENV}
+# Variables the manifests may set that are not `<ENV_PREFIX><FIELD>`: read by opd-entrypoint, by code, by
+# opd-healthcheck, or by the Hugging Face libraries (the hub token, the shared model cache's settings).
+EXTRA_ENV = {
+    REDIS_PASSWORD_FILE_ENV,
+    WEIGHTS_TOKEN_ENV,
+    "OPD_HEALTHCHECK_TLS_CA_FILE",
+    "OPD_HEALTHCHECK_TLS_SERVER_NAME",
+    "HF_TOKEN",
+    "HF_HUB_OFFLINE",
+    "HF_MODULES_CACHE",
+}
+# The one variable that comes from a Secret by reference (huggingface_hub reads it from the environment);
+# optional, so that a Secret without the key still starts every pod.
+HF_TOKEN_REF = {"secretKeyRef": {"name": "opd-secrets", "key": "hf_token", "optional": True}}
 REDIS_PORT = 6379
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(
@@ -221,6 +239,8 @@ def k8s_procs(overlay: str) -> list[Proc]:
         if obj["kind"] not in ("Deployment", "StatefulSet", "Job"):
             continue
         pod = obj["spec"]["template"]["spec"]
+        if obj["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "model-download":
+            continue  # a Python script on the teacher image, no `opd` process (test_model_cache_is_shared)
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for c in pod["containers"]:
             image = c["image"].split(":")[0].rsplit("/", 1)[-1]
@@ -233,6 +253,11 @@ def k8s_procs(overlay: str) -> list[Proc]:
             command, args = split_opd(argv, where)
             env = {}
             for e in c.get("env", []):
+                if e["name"] == "HF_TOKEN":
+                    ref = copy.deepcopy(e["valueFrom"])
+                    ref["secretKeyRef"]["name"] = re.sub(r"-[a-z0-9]{10}$", "", ref["secretKeyRef"]["name"])
+                    assert ref == HF_TOKEN_REF, f"{where}: HF_TOKEN must be {HF_TOKEN_REF}"
+                    continue
                 assert "value" in e, f"{where}: env {e['name']} must be a plain value (secrets come as files)"
                 env[e["name"]] = e["value"]
             secret_files, toml_text = set(), None
@@ -448,19 +473,28 @@ def grpc_target_host_port(target: str) -> tuple[str, int]:
 # ---------------------------------------------------------------- validation
 
 
-@needs_kubectl
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_overlay_renders_and_validates(overlay) -> None:
+def validate_objects(objs: list[dict], where: str) -> None:
+    """Every object against Kubernetes' own schemas; CRD objects (no schema there) by their API group."""
     version = kubernetes_validate.latest_version()
-    objs = render(overlay)
-    assert len(objs) >= 15
     for obj in objs:
+        if obj["kind"] in CRD_KINDS:
+            group = {"PodMonitor": "monitoring.coreos.com/v1", "GRPCRoute": "gateway.networking.k8s.io/v1"}
+            assert obj["apiVersion"] == group[obj["kind"]], f"{where}: {obj['kind']}"
+            continue
         try:
             kubernetes_validate.validate(obj, version, strict=True)
         except kubernetes_validate.ValidationError as e:
             pytest.fail(
-                f"{overlay}: {obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes {version}: {e}"
+                f"{where}: {obj['kind']}/{obj['metadata']['name']} is invalid for Kubernetes {version}: {e}"
             )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders_and_validates(overlay) -> None:
+    objs = render(overlay)
+    assert len(objs) >= 15
+    validate_objects(objs, overlay)
     namespaces = {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"}
     assert namespaces == {"opd-dev" if overlay == "cpu-dev" else "opd"}
 
@@ -493,7 +527,7 @@ def compose_validator() -> jsonschema.protocols.Validator:
     return cls(schema)
 
 
-@pytest.mark.parametrize("env", [{}, {"OPD_TEACHER_REPLICAS": "3", "OPD_TRAINER_GPUS": "8"}])
+@pytest.mark.parametrize("env", [{}, {"OPD_TEACHER_REPLICAS": "3", "OPD_TRAINER_GPU_IDS": "2,3,4,5,6,7"}])
 def test_compose_validates_against_the_compose_spec(env) -> None:
     errors = sorted(compose_validator().iter_errors(compose(env)), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{'/'.join(map(str, e.path))}: {e.message}" for e in errors)
@@ -509,18 +543,20 @@ def test_compose_validation_rejects_a_broken_file() -> None:
 def test_compose_profiles_and_persistence() -> None:
     doc = compose({"OPD_TEACHER_REPLICAS": "3"})
     services = doc["services"]
-    assert not services["redis"].get("profiles"), "Redis runs in every profile"
-    assert "--appendonly yes" in " ".join(services["redis"]["entrypoint"]), "Redis must persist with AOF"
+    assert sorted(services["redis"]["profiles"]) == sorted(PROFILES), "Redis runs with the pipeline profiles"
+    redis_cmd = " ".join(services["redis"]["entrypoint"])
+    assert "--appendonly yes" in redis_cmd, "Redis must persist with AOF"
+    assert "--maxmemory 3gb --maxmemory-policy noeviction" in redis_cmd
+    assert "--requirepass" not in redis_cmd and "redis-cli -a" not in str(services["redis"]["healthcheck"])
     assert any(v.endswith(":/data") for v in services["redis"]["volumes"])
     for profile in PROFILES:
         components = sorted(p.component for p in compose_procs(profile))
         expected = sorted(PROCESSES | ({"toy-prepare"} if profile == "cpu" else set()))
         assert components == expected, profile
-    # Teachers scale by replicas; the gpu profile reserves a GPU per teacher and rollout replica.
-    assert services["teacher"]["deploy"]["replicas"] == services["teacher-gpu"]["deploy"]["replicas"] == "3"
+    # CPU teachers scale by replicas; GPU services reserve GPUs by index (checked in test_compose_gpus_*).
+    assert services["teacher"]["deploy"]["replicas"] == "3"
     for name in ("teacher-gpu", "rollout-gpu", "trainer-gpu"):
-        devices = services[name]["deploy"]["resources"]["reservations"]["devices"]
-        assert devices and all(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices), name
+        assert "replicas" not in services[name]["deploy"], f"{name}: copies would share its GPUs"
     for name in ("teacher", "rollout", "worker", "trainer"):
         assert "deploy" not in services[name] or "resources" not in services[name]["deploy"], name
     # Secrets come from files, never inline.
@@ -676,8 +712,12 @@ def test_probes_and_scraping_use_the_configured_ports(overlay, tmp_path) -> None
     worker_cfg = effective_config(procs["worker"], secrets)
 
     t = procs["teacher"].spec
+    # opd-healthcheck probes the port the teacher's config names, over TLS when the config has TLS
+    # (tests/unit/deploy/test_deploy_images.py runs it against a real TLS teacher).
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert t[probe]["grpc"]["port"] == teacher_cfg.port, f"{overlay}: teacher {probe}"
+        assert t[probe]["exec"]["command"] == ["opd-healthcheck"], f"{overlay}: teacher {probe}"
+        assert t[probe]["timeoutSeconds"] >= 10, f"{overlay}: teacher {probe} starts a Python process"
+    assert t["startupProbe"]["periodSeconds"] * t["startupProbe"]["failureThreshold"] >= 900
     # The pod leaves DNS (preStop) and then drains for grace_s, all within the termination grace period.
     pod = procs["teacher"].pod
     pre_stop = t["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -814,9 +854,10 @@ def test_network_policies_and_redis(overlay) -> None:
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "redis-data"
     (c,) = redis["spec"]["template"]["spec"]["containers"]
     args = " ".join(c["args"])
-    assert "--appendonly yes" in args and "--requirepass $(REDIS_PASSWORD)" in args
-    (env,) = c["env"]
-    assert env["valueFrom"]["secretKeyRef"]["key"] == "redis_password"
+    assert "--appendonly yes" in args and "--maxmemory-policy noeviction" in args
+    # The password reaches Redis through a file, never a command line or a variable.
+    assert "requirepass" not in args and "-a " not in str(c["readinessProbe"]) and not c.get("env")
+    assert f"{SECRETS_DIR}/redis_password" in c["command"][2]
     assert any(p["containerPort"] == REDIS_PORT for p in c["ports"])
 
 
@@ -876,3 +917,281 @@ def test_container_commands_exist_in_the_cli(command, capsys) -> None:
         opd_main([*command, "--help"])
     assert exit_info.value.code == 0, f"opd {' '.join(command)} --help failed"
     assert "usage:" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- scaling, Redis memory, model cache
+
+
+def _mem_bytes(value: str) -> int:
+    """Redis (2gb, 256mb) or Kubernetes (3Gi, 512Mi) memory quantities in bytes."""
+    m = re.fullmatch(r"(\d+)(gb|mb|Gi|Mi)", value)
+    assert m, value
+    return int(m.group(1)) * {"gb": 1 << 30, "mb": 1 << 20, "Gi": 1 << 30, "Mi": 1 << 20}[m.group(2)]
+
+
+def worker_samples_in_flight(worker: WorkerConfig) -> int:
+    """The most samples (one teacher Score call each) a worker has in flight (services/worker/loop.py)."""
+    if worker.max_tokens_in_flight == 0:
+        return worker.concurrency * worker.group_size
+    return max(1, worker.max_tokens_in_flight // (worker.max_new_tokens + 1))
+
+
+def record_bytes(worker: WorkerConfig) -> int:
+    """The largest experience record: G samples of max_new_tokens positions, each with K top-K entries of
+    8 bytes (int32 id + float32 logprob) and 12 bytes of per-position arrays."""
+    return worker.group_size * worker.max_new_tokens * (worker.top_k * 8 + 12)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ALL_OVERLAYS)
+def test_the_autoscaler_owns_the_teacher_replicas(overlay) -> None:
+    """No `replicas` on a Deployment an HPA scales (every apply would reset it); Prometheus Operator scrapes
+    the teachers where the overlay has it (PodMonitor on the metrics port)."""
+    objs = render(overlay)
+    for hpa in (o for o in objs if o["kind"] == "HorizontalPodAutoscaler"):
+        target = find(objs, "Deployment", hpa["spec"]["scaleTargetRef"]["name"])
+        assert "replicas" not in target["spec"], f"{overlay}: {target['metadata']['name']} fights its HPA"
+    monitors = [o for o in objs if o["kind"] == "PodMonitor"]
+    assert bool(monitors) == (overlay != "cpu-dev"), overlay
+    for monitor in monitors:
+        assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
+        for d in (o for o in objs if o["kind"] == "Deployment"):
+            labels = d["spec"]["template"]["metadata"]["labels"]
+            selected = monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
+            assert selected == (labels["app.kubernetes.io/component"] == "teacher"), d["metadata"]["name"]
+            if selected:
+                (c,) = d["spec"]["template"]["spec"]["containers"]
+                assert "metrics" in {p["name"] for p in c["ports"]}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_autoscaler_can_reach_max_replicas(overlay, tmp_path) -> None:
+    """The HPA asks for ceil(Q / target) pods when Q Score calls wait over the teachers; Q is at most the
+    worker's samples in flight, so maxReplicas is reachable only if target x (maxReplicas - 1) < that
+    bound; and the target must be below what one teacher admits (max_queue)."""
+    secrets = stand_in_secrets(tmp_path)
+    procs = {p.component: p for p in k8s_procs(overlay) if p.command in CONFIG_CLASSES}
+    worker = effective_config(procs["worker"], secrets)
+    teacher = effective_config(procs["teacher"], secrets)
+    hpa = find(render(overlay), "HorizontalPodAutoscaler", "teacher")
+    (metric,) = hpa["spec"]["metrics"]
+    target = int(metric["pods"]["target"]["averageValue"])
+    assert worker.max_tokens_in_flight > 0, f"{overlay}: set max_tokens_in_flight explicitly"
+    assert worker.max_tokens_in_flight >= worker.group_size * worker.max_new_tokens, overlay
+    samples = worker_samples_in_flight(worker)
+    assert target * (hpa["spec"]["maxReplicas"] - 1) < samples, (
+        f"{overlay}: {samples} samples in flight can never ask for {hpa['spec']['maxReplicas']} teachers"
+    )
+    assert target < teacher.max_queue, overlay
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["cpu-dev", "gpu-prod", "multitask-gpu"])
+def test_redis_memory_holds_the_backlog(overlay, tmp_path) -> None:
+    """maxmemory (noeviction) holds every stream's max_backlog records of the largest size, and the
+    container's memory limit holds maxmemory."""
+    import tests.unit.deploy.test_deploy_multitask as mt
+
+    secrets = stand_in_secrets(tmp_path)
+    config = mt.task_config if overlay == mt.OVERLAY else effective_config
+    workers = [config(p, secrets) for p in k8s_procs(overlay) if p.command == ("rollout", "work")]
+    streams = sum(w.max_backlog * record_bytes(w) for w in workers)
+    (c,) = find(render(overlay), "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    args = c["args"]
+    maxmemory = _mem_bytes(args[args.index("--maxmemory") + 1])
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    assert streams <= maxmemory / 2, (
+        f"{overlay}: streams take {streams / 1e6:.0f} MB of {maxmemory / 1e6:.0f}"
+    )
+    limit = _mem_bytes(c["resources"]["limits"]["memory"])
+    assert _mem_bytes(c["resources"]["requests"]["memory"]) == limit >= maxmemory, overlay
+
+
+@needs_kubectl
+def test_redis_container_script_keeps_the_password_off_the_command_line(tmp_path) -> None:
+    """Runs Redis's container command (from the render) with a real redis-server: the password from the
+    secret file is required, maxmemory is set, and no process's command line carries the password."""
+    import redis as redis_lib
+
+    from services.common.redis_server import free_port
+
+    (c,) = find(render("gpu-prod"), "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"]
+    secret_dir, run_dir, data = tmp_path / "secrets", tmp_path / "run", tmp_path / "data"
+    for d in (secret_dir, run_dir, data):
+        d.mkdir()
+    (secret_dir / "redis_password").write_text("s3cret-pw\n")
+    script = c["command"][2].replace(SECRETS_DIR, str(secret_dir)).replace("/run/redis", str(run_dir))
+    args = [str(data) if a == "/data" else a for a in c["args"]]
+    port = free_port()
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}
+    proc = subprocess.Popen(
+        [*c["command"][:2], script, c["command"][3], *args, "--port", str(port), "--save", ""],
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        client = redis_lib.Redis(port=port, password="s3cret-pw", socket_connect_timeout=1)
+        for _ in range(100):
+            try:
+                client.ping()
+                break
+            except redis_lib.ConnectionError:
+                assert proc.poll() is None, "redis-server exited"
+                time.sleep(0.1)
+        assert client.config_get("maxmemory")["maxmemory"] == str(2 << 30)
+        with pytest.raises(redis_lib.AuthenticationError):
+            redis_lib.Redis(port=port).ping()
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        assert b"s3cret-pw" not in cmdline and b"redis-server" in cmdline
+        assert (run_dir / "auth.conf").stat().st_mode & 0o077 == 0, "the config file is the owner's only"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", ["gpu-prod", "multitask-gpu", "teacher-only"])
+def test_model_cache_is_shared(overlay, tmp_path, monkeypatch) -> None:
+    """Every teacher reads HF_HOME from the one ReadWriteMany claim, read-only and offline; the download
+    Job writes it and downloads every teacher model the config names; the hub token is optional."""
+    objs = render(overlay)
+    claim = find(objs, "PersistentVolumeClaim", "opd-model-cache")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    teachers = [
+        o
+        for o in objs
+        if o["kind"] == "Deployment"
+        and o["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "teacher"
+    ]
+    assert teachers
+    for d in teachers:
+        pod = d["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/cache/huggingface"]
+        assert mount["readOnly"] is True, d["metadata"]["name"]
+        assert set(volumes[mount["name"]]) == {"name", "persistentVolumeClaim"}
+        assert volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == "opd-model-cache"
+        env = {e["name"]: e for e in c["env"]}
+        assert (
+            env["HF_HUB_OFFLINE"]["value"] == "1" and env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["optional"]
+        )
+    job = find(objs, "Job", "model-download")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    volumes = {v["name"]: v for v in job["spec"]["template"]["spec"]["volumes"]}
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == "/cache/huggingface"]
+    assert not mount.get("readOnly") and volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == (
+        "opd-model-cache"
+    )
+    # The Job's script, run on the overlay's config with snapshot_download recorded: each teacher's model.
+    cm = find_prefixed(objs, "ConfigMap", "opd-config")["data"]["opd.toml"]
+    (tmp_path / "opd.toml").write_text(cm)
+    downloaded: list[str] = []
+    hub = type(sys)("huggingface_hub")
+    hub.snapshot_download = downloaded.append
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    assert c["command"][:2] == ["python", "-c"]
+    exec(c["command"][2].replace(CONFIG_MOUNT, str(tmp_path / "opd.toml")), {})
+    served = set()
+    for d in teachers:
+        (tc,) = d["spec"]["template"]["spec"]["containers"]
+        override = {e["name"]: e.get("value") for e in tc.get("env", [])}.get("OPD_TEACHER_MODEL")
+        served.add(override or tomllib.loads(cm)["teacher"]["model"])
+    assert set(downloaded) == served, overlay
+
+
+# ---------------------------------------------------------------- a teacher alone
+
+
+@needs_kubectl
+def test_teacher_only_overlay() -> None:
+    """The teacher component alone: no pipeline object and no data claim; a ClusterIP Service and a
+    GRPCRoute reach the teacher's gRPC port; the config has the [teacher] section only."""
+    objs = render("teacher-only")
+    validate_objects(objs, "teacher-only")
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objs}
+    assert not {n for k, n in kinds if n in ("redis", "rollout", "worker", "trainer")}
+    assert {n for k, n in kinds if k == "PersistentVolumeClaim"} == {"opd-model-cache"}
+    assert {o["metadata"]["namespace"] for o in objs} == {"opd-teacher"}
+    teacher = find(objs, "Deployment", "teacher")
+    pod = teacher["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"opd-model-cache"}
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
+    service = find(objs, "Service", "teacher-grpc")
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"].get("clusterIP") != "None"
+    assert service["spec"]["selector"].items() <= teacher["spec"]["template"]["metadata"]["labels"].items()
+    (port,) = service["spec"]["ports"]
+    assert port["targetPort"] == "grpc" and port["appProtocol"] == "grpc"
+    route = find(objs, "GRPCRoute", "teacher")
+    (rule,) = route["spec"]["rules"]
+    assert rule["backendRefs"] == [{"name": "teacher-grpc", "port": port["port"]}]
+    assert {"service": "opd.teacher.v1.TeacherService"} in [m["method"] for m in rule["matches"]]
+    cm = find_prefixed(objs, "ConfigMap", "opd-config")["data"]["opd.toml"]
+    assert set(tomllib.loads(cm)) == {"teacher"}
+    cfg = build_config(TeacherConfig, tomllib.loads(cm)["teacher"], env={}, cli={})
+    assert cfg.port == grpc_port and cfg.host in WILDCARD_HOSTS
+    assert cfg.token_file and cfg.token_file.startswith(SECRETS_DIR)
+    # the same teacher as gpu-prod's
+    prod = tomllib.loads((DEPLOY / "k8s" / "overlays" / "gpu-prod" / "opd.toml").read_text())["teacher"]
+    assert tomllib.loads(cm)["teacher"] == prod
+
+
+def test_compose_teacher_profile_binds_where_asked() -> None:
+    for env, bind in (({}, "127.0.0.1"), ({"OPD_TEACHER_BIND": "0.0.0.0"}, "0.0.0.0")):
+        services = compose_services(compose(env), "teacher")
+        assert set(services) == {"teacher-solo"}, "a teacher alone: no Redis, no pipeline"
+        (spec,) = services["teacher-solo"]["ports"]
+        assert spec == f"{bind}:50051:50051"
+        for name in ("teacher", "teacher-gpu"):
+            assert all(p.startswith(f"{bind}:") for p in compose(env)["services"][name]["ports"]), name
+    (solo,) = compose_procs("teacher")
+    assert solo.toml_text == (DEPLOY / "k8s" / "overlays" / "teacher-only" / "opd.toml").read_text()
+    assert "teacher" in solo.spec["networks"]["default"]["aliases"]
+    assert not any(v.startswith("opd-data") for v in solo.spec["volumes"]), "needs no data volume"
+
+
+def compose_gpus(doc: dict, profile: str) -> dict[str, set[str]]:
+    """Service -> the GPU indices it reserves (device_ids; `count` would give every service GPU 0)."""
+    out = {}
+    for name, svc in compose_services(doc, profile).items():
+        for d in svc.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", []):
+            assert "count" not in d and d["driver"] == "nvidia", f"{name}: reserve GPUs by device_ids"
+            out[name] = {i for ids in d["device_ids"] for i in str(ids).split(",")}
+    return out
+
+
+@pytest.mark.parametrize("extra", [None, "more-teachers.yml", "multitask-gpu.yml"])
+def test_compose_gpus_are_disjoint(extra, monkeypatch) -> None:
+    """Each GPU service of the gpu profile gets its own GPUs by index, with the files' defaults and when
+    the variables move them; more teachers are more services, each answering to `teacher`."""
+    import tests.unit.deploy.test_deploy_multitask as mt
+
+    raw = _compose_raw()
+    if extra:
+        raw = mt.merge_compose(
+            raw, yaml.load((DEPLOY / "compose" / extra).read_text(), Loader=yaml.CSafeLoader)
+        )
+    for env in ({}, {"OPD_TEACHER_GPU": "7", "OPD_ROLLOUT_GPU": "6", "OPD_TRAINER_GPU_IDS": "0,1,2,3"}):
+        doc = compose_interpolate(raw, env)
+        assert not list(compose_validator().iter_errors(doc))
+        gpus = compose_gpus(doc, "gpu")
+        assert {"teacher-gpu", "rollout-gpu", "trainer-gpu"} <= set(gpus)
+        if env:
+            assert gpus["teacher-gpu"] == {"7"} and gpus["trainer-gpu"] == {"0", "1", "2", "3"}
+        elif extra:
+            used = [i for g in gpus.values() for i in g]
+            assert len(used) == len(set(used)), f"{extra}: two services share a GPU: {gpus}"
+        if not env:
+            assert len(gpus["trainer-gpu"]) == 4
+    if extra == "more-teachers.yml":
+        doc = compose_interpolate(raw, {})
+        teachers = [
+            n
+            for n, s in compose_services(doc, "gpu").items()
+            if "teacher" in ((s.get("networks") or {}).get("default") or {}).get("aliases", [])
+        ]
+        assert len(teachers) == 3

@@ -12,7 +12,6 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-import kubernetes_validate
 import pytest
 import yaml
 
@@ -111,10 +110,8 @@ def _check_each_task_reaches_its_teacher(procs: list[dm.Proc], teacher_of_host, 
 
 @dm.needs_kubectl
 def test_overlay_renders_and_validates() -> None:
-    version = kubernetes_validate.latest_version()
     objs = dm.render(OVERLAY)
-    for obj in objs:
-        kubernetes_validate.validate(obj, version, strict=True)
+    dm.validate_objects(objs, OVERLAY)
     names = {(o["kind"], o["metadata"]["name"]) for o in objs}
     for kind in ("Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"):
         assert {(kind, "teacher"), (kind, "teacher-alfworld")} <= names, kind
@@ -171,12 +168,30 @@ def test_k8s_each_task_reaches_its_own_teacher(tmp_path) -> None:
 
 
 def test_compose_override_validates(compose_multitask) -> None:
-    doc = dm.compose({"OPD_ALFWORLD_TEACHER_REPLICAS": "2"})
+    doc = dm.compose({"OPD_ALFWORLD_TEACHER_GPU": "7"})
     errors = list(dm.compose_validator().iter_errors(doc))
     assert not errors, [e.message for e in errors]
     teachers = [p for p in dm.compose_procs("gpu") if p.component == "teacher"]
     assert sorted(p.name for p in teachers) == ["teacher-alfworld-gpu", "teacher-gpu"]
-    assert doc["services"]["teacher-alfworld-gpu"]["deploy"]["replicas"] == "2"
+    assert dm.compose_gpus(doc, "gpu")["teacher-alfworld-gpu"] == {"7"}
+
+
+@dm.needs_kubectl
+def test_alfworld_is_in_the_images_that_need_it(compose_multitask) -> None:
+    """The workers and the trainer run images built with alfworld (EXTRA_PACKAGES), in compose and k8s;
+    the teachers and the rollout service do not need it."""
+    services = dm.compose()["services"]
+    for name in ("worker-gpu", "worker-alfworld-gpu", "trainer-gpu"):
+        svc = services[name]
+        assert svc["image"].endswith(":gpu-alfworld"), name
+        assert svc["build"]["args"]["EXTRA_PACKAGES"].startswith("alfworld=="), name
+    tags = {
+        o["spec"]["template"]["spec"]["containers"][0]["image"]
+        for o in dm.render(OVERLAY)
+        if o["kind"] in ("Deployment", "Job")
+    }
+    assert {"opd-worker:gpu-alfworld", "opd-trainer:gpu-alfworld", "opd-teacher:gpu"} <= tags
+    assert "opd-worker:gpu" not in tags and "opd-trainer:gpu" not in tags
 
 
 def test_compose_each_task_reaches_its_own_teacher(compose_multitask, tmp_path) -> None:
