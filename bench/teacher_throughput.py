@@ -37,8 +37,9 @@ from rich.progress import Progress
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "proto"))
 
+from opd_teacher_client import TeacherClient  # noqa: E402
+
 from experiments.tiny_models import save_model, tiny_llama_config  # noqa: E402
-from services.teacher.client import TeacherClient  # noqa: E402
 from services.teacher.config import TeacherConfig  # noqa: E402
 from services.teacher.scorer import HFScorer, ScoreItem  # noqa: E402
 from services.teacher.server import run_server  # noqa: E402

@@ -49,7 +49,7 @@ from services.common.redis_keys import connect  # noqa: E402
 from services.common.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from services.rollout.client import RolloutClient  # noqa: E402
 from services.rollout.protocol import GenerateRequest  # noqa: E402
-from services.teacher.client import TeacherClient  # noqa: E402
+from opd_teacher_client import TeacherClient  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.loop import RolloutWorker  # noqa: E402
 from services.worker.record import request_seed  # noqa: E402

@@ -27,7 +27,7 @@ import torch
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from services.teacher.client import TeacherClient
+from opd_teacher_client import TeacherClient
 
 
 def lsm_loss(student_logits_L_V: torch.Tensor, topk_ids_L_K: torch.Tensor, teacher_lp_L_K: torch.Tensor):

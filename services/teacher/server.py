@@ -21,8 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opd_teacher_client.v1 import teacher_pb2
 
-from opd.teacher.v1 import teacher_pb2
 from services.common.config import report_config_errors
 from services.common.logs import setup_logging
 from services.teacher.batcher import Batcher

@@ -20,8 +20,8 @@ from typing import NoReturn, TypeVar
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError, Message
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.teacher.batcher import Batcher, Draining, QueueFull
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.scorer import ModelInfo, ScoreItem, ScoreResult, Unsupported

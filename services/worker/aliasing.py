@@ -25,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from opd_teacher_client import ScoredRows
 from prometheus_client import CollectorRegistry, Counter
 
 from services.common.config import ConfigError
 from services.common.token_aliases import AliasMap, parse_aliases, resolve_aliases
-from services.teacher.client import ScoredRows
 
 log = logging.getLogger(__name__)
 

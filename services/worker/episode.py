@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
+from opd_teacher_client import ScoredRows
 
 from services.common.experience import ExperienceRecord
 from services.common.prompts import Prompt
 from services.common.verifiers import completion_text
 from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest, GenerateResponse, Sample
-from services.teacher.client import ScoredRows
 from services.worker.envs.base import Environment
 from services.worker.record import BadPromptError, build_record, request_seed
 
@@ -224,7 +224,7 @@ def run_episodes(
 ) -> ExperienceRecord:
     """G episodes from one environment seed, scored by the teacher, as one experience record.
 
-    `rollout` is a services.rollout.client.RolloutClient, `teacher` a services.teacher.client.TeacherClient;
+    `rollout` is a services.rollout.client.RolloutClient, `teacher` an opd_teacher_client.TeacherClient;
     `call(fn, name)` wraps every service call (the worker's retry; name "rollout_generate" or
     "teacher_score"). See the module docstring for the transcript, the masking and the scoring.
     """

@@ -38,6 +38,7 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 import redis
+from opd_teacher_client import ScoredRows, TeacherClient
 from prometheus_client import start_http_server
 
 from services.common.config import ConfigError
@@ -46,7 +47,6 @@ from services.common.prompts import Prompt, cycle_prompts, load_prompts
 from services.common.verifiers import completion_text, get_verifier
 from services.rollout.client import RolloutClient
 from services.rollout.protocol import GenerateRequest, GenerateResponse, Sample
-from services.teacher.client import ScoredRows, TeacherClient
 from services.worker.aliasing import WorkerAliases
 from services.worker.config import WorkerConfig
 from services.worker.metrics import WorkerMetrics

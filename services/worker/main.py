@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from opd_teacher_client import TeacherClient
+
 from services.common.config import report_config_errors
 from services.common.logs import setup_logging
 from services.common.redis_keys import connect
 from services.rollout.client import RolloutClient
-from services.teacher.client import TeacherClient
 from services.worker.config import load_config
 from services.worker.loop import RolloutWorker
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+from opd_teacher_client import ScoredRows
 
 from services.common.experience import ExperienceRecord, SampleRecord
 from services.common.prompts import Prompt
 from services.rollout.protocol import GenerateResponse, Sample
-from services.teacher.client import ScoredRows
 
 
 def request_seed(base: int, row: int, epoch: int) -> int:

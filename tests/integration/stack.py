@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from opd_teacher_client import TeacherClient
+
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_server import EmbeddedRedis
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig
 from services.rollout.server import running_server
-from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from examples.teacher_api.distill import lsm_loss, train
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
-from services.teacher.client import TeacherClient
+from opd_teacher_client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
 from services.teacher.server import run_server

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from opd_teacher_client import TeacherClient
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from opd.experience.v1 import experience_pb2
@@ -30,7 +31,6 @@ from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig
 from services.rollout.server import running_server
-from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 from tests.integration.fault_procs import (

@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+from opd_teacher_client import TeacherClient
 from transformers import AutoModelForCausalLM
 
 from experiments.diagnostics import load_full_state
@@ -23,7 +24,6 @@ from services.common.redis_server import EmbeddedRedis, free_port
 from services.rollout.client import RolloutClient
 from services.rollout.engine import state_sha256
 from services.rollout.protocol import GenerateRequest
-from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 from tests.integration.fault_procs import (

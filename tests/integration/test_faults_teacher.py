@@ -9,6 +9,7 @@ replica must serve traffic again."""
 from __future__ import annotations
 
 import pytest
+from opd_teacher_client import TeacherClient
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common.redis_server import EmbeddedRedis, free_port
@@ -16,7 +17,6 @@ from services.rollout.app import build_app
 from services.rollout.client import RolloutClient
 from services.rollout.config import RolloutConfig
 from services.rollout.server import running_server
-from services.teacher.client import TeacherClient
 from tests.integration.fault_procs import (
     Proc,
     metric,

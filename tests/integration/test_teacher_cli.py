@@ -12,11 +12,11 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opd_teacher_client import TeacherClient, build_sequence
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
 from experiments.tiny_models import make_tiny_llama
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.common.redis_server import free_port
-from services.teacher.client import TeacherClient, build_sequence
 from services.teacher.server import main
 
 pytestmark = pytest.mark.integration

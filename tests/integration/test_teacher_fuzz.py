@@ -14,10 +14,10 @@ import hypothesis.strategies as st
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
+from opd_teacher_client import build_sequence
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
 from experiments.tiny_models import make_tiny_llama
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
-from services.teacher.client import build_sequence
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
 from services.teacher.server import message_limits, run_server

@@ -17,12 +17,12 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opd_teacher_client import TeacherClient, build_sequence
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.common.redis_server import free_port
-from services.teacher.client import TeacherClient, build_sequence
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
 from services.teacher.server import run_server

@@ -23,11 +23,11 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opd_teacher_client import TeacherClient
 from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
 from services.common.redis_server import free_port
-from services.teacher.client import TeacherClient
 from services.teacher.scorer import HFScorer, ScoreItem
 
 pytestmark = [pytest.mark.integration, pytest.mark.vllm]

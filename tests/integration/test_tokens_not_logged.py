@@ -9,12 +9,12 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from opd_teacher_client import TeacherClient, build_sequence
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.common.redis_server import free_port
 from services.rollout.client import RolloutClient, RolloutError
-from services.teacher.client import TeacherClient, build_sequence
 from tests.integration.fault_procs import Proc, wait_until
 
 pytestmark = pytest.mark.integration

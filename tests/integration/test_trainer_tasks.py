@@ -8,12 +8,12 @@ from __future__ import annotations
 import threading
 
 import pytest
+from opd_teacher_client import TeacherClient
 from transformers import AutoModelForCausalLM
 
 from experiments.synthetic import synthetic_records
 from services.common import redis_keys
 from services.common.experience import decode, encode
-from services.teacher.client import TeacherClient
 from services.worker.config import load_config as parse_worker_config
 from services.worker.envs.rooms import RoomsEnv
 from services.worker.episode import observation_text

@@ -16,6 +16,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from opd_teacher_client import TeacherClient
 from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer
@@ -25,7 +26,6 @@ from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, ex
 from services.common.redis_server import free_port
 from services.common.verifiers import completion_text, exact_match
 from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest
-from services.teacher.client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 from services.worker.config import WorkerConfig

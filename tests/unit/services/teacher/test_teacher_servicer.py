@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from opd_teacher_client import build_sequence, decode_scored, service_config
+from opd_teacher_client.v1 import teacher_pb2
 
-from opd.teacher.v1 import teacher_pb2
 from services.common.config import ConfigError, build_config
-from services.teacher.client import build_sequence, decode_scored, service_config
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import ModelInfo, ScoreResult, Unsupported
 from services.teacher.server import message_limits

@@ -4,10 +4,10 @@ prefix at a time, on the rewritten sequence (teacher forcing by hand)."""
 import numpy as np
 import pytest
 import torch
+from opd_teacher_client import ScoredRows
 from transformers import LlamaForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, tiny_llama_config
-from services.teacher.client import ScoredRows
 from services.worker.aliasing import fold_rows, spell_out
 
 TOK = build_char_tokenizer()

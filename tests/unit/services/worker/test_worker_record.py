@@ -7,9 +7,10 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from opd_teacher_client import ScoredRows
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
 from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS, build_char_tokenizer
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
 from services.common.config import ConfigError, build_config, load
 from services.common.experience import decode, encode
 from services.common.prompts import Prompt
@@ -17,7 +18,6 @@ from services.common.redis_server import free_port
 from services.common.verifiers import completion_text
 from services.rollout.client import RolloutError
 from services.rollout.protocol import GenerateResponse, Sample
-from services.teacher.client import ScoredRows
 from services.worker.config import WorkerConfig
 from services.worker.loop import RolloutWorker
 from services.worker.main import main

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from opd.teacher.v1 import teacher_pb2, teacher_pb2_grpc
+from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
 I32, F32 = np.dtype("<i4"), np.dtype("<f4")
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")

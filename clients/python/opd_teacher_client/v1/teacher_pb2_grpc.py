@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from opd.teacher.v1 import teacher_pb2 as opd_dot_teacher_dot_v1_dot_teacher__pb2
+from opd_teacher_client.v1 import teacher_pb2 as opd_dot_teacher_dot_v1_dot_teacher__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__

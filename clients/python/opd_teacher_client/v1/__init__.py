@@ -1,0 +1,1 @@
+"""Generated code of `opd.teacher.v1` (proto/opd/teacher/v1/teacher.proto; `make proto` writes it)."""
