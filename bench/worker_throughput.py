@@ -43,13 +43,14 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "proto")]
 
+from opd_teacher_client import TeacherClient  # noqa: E402
+
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama  # noqa: E402
 from launcher.cli_proc import CliProc  # noqa: E402
 from services.common.redis_keys import connect  # noqa: E402
 from services.common.redis_server import EmbeddedRedis, free_port  # noqa: E402
 from services.rollout.client import RolloutClient  # noqa: E402
 from services.rollout.protocol import GenerateRequest  # noqa: E402
-from opd_teacher_client import TeacherClient  # noqa: E402
 from services.worker.config import WorkerConfig  # noqa: E402
 from services.worker.loop import RolloutWorker  # noqa: E402
 from services.worker.record import request_seed  # noqa: E402

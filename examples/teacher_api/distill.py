@@ -24,10 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from opd_teacher_client import TeacherClient
 from rich.progress import Progress
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
-
-from opd_teacher_client import TeacherClient
 
 
 def lsm_loss(student_logits_L_V: torch.Tensor, topk_ids_L_K: torch.Tensor, teacher_lp_L_K: torch.Tensor):

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from opd_teacher_client import TeacherClient
 from transformers import AutoModelForCausalLM
 
 from examples.teacher_api.distill import lsm_loss, train
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
-from opd_teacher_client import TeacherClient
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
 from services.teacher.server import run_server
