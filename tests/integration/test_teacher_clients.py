@@ -173,5 +173,7 @@ def test_per_client_in_flight_limit_on_the_real_server(model_dir, scorer, tmp_pa
         assert rows == [4, 4]
         value = handle.metrics.registry.get_sample_value
         assert value("opd_teacher_client_rejected_total", {"client": "lab", "reason": "client_limit"}) == 1
-        assert value("opd_teacher_client_rejected_total", {"client": "pipeline", "reason": "client_limit"}) == 1
+        assert (
+            value("opd_teacher_client_rejected_total", {"client": "pipeline", "reason": "client_limit"}) == 1
+        )
         channel.close()
