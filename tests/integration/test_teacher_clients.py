@@ -5,6 +5,7 @@ per-client metrics on the real /metrics endpoint."""
 from __future__ import annotations
 
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,6 +20,7 @@ from services.common.redis_server import free_port
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
 from services.teacher.server import run_server
+from tests.integration.fault_procs import Proc, wait_until
 
 pytestmark = pytest.mark.integration
 TOK_PIPELINE = "pipeline-" + "p" * 27
@@ -177,3 +179,35 @@ def test_per_client_in_flight_limit_on_the_real_server(model_dir, scorer, tmp_pa
             value("opd_teacher_client_rejected_total", {"client": "pipeline", "reason": "client_limit"}) == 1
         )
         channel.close()
+
+
+def test_sighup_rereads_the_tokens_file_in_the_cli_process(model_dir, tmp_path):
+    """`opd teacher serve` survives SIGHUP and re-reads the file at once, even unchanged (a stat check would
+    not); the token is in no log line."""
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, f"pipeline {TOK_PIPELINE}\n")
+    port = free_port()
+    log_path = tmp_path / "teacher.log"
+    args = ["teacher", "serve", "--model", str(model_dir), "--port", str(port), "--tokens-file", str(tokens)]
+    proc = Proc(args, log_path, {"OPD_LOG_LEVEL": "DEBUG"}).start()
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = teacher_pb2_grpc.TeacherServiceStub(channel)
+
+        def serving() -> bool:
+            try:
+                stub.GetInfo(teacher_pb2.GetInfoRequest(), metadata=auth(TOK_PIPELINE), timeout=5)
+                return True
+            except grpc.RpcError:
+                return False
+
+        wait_until(serving, 120, "teacher", [proc], interval=0.2)
+        assert "reloaded" not in log_path.read_text()
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reloaded: 1 clients" in log_path.read_text(), 10, "SIGHUP reload", [proc])
+        assert proc.alive
+        assert stub.Score(request(), metadata=auth(TOK_PIPELINE), timeout=30).results[0].rows == 4
+        channel.close()
+    finally:
+        proc.terminate(30)
+    assert TOK_PIPELINE not in log_path.read_text()
