@@ -63,6 +63,17 @@ class TeacherConfig(ConfigBase):
     )
     token: str | None = opt(None, "bearer token required in metadata `authorization` (default: no auth)")
     token_file: str | None = opt(None, "file holding the bearer token (alternative to `token`)")
+    tokens_file: str | None = opt(
+        None,
+        "file of named client tokens, one `name token [max_inflight=N]` per line (# comments); re-read "
+        "when it changes (checked at most once a second) or on SIGHUP; may be combined with `token`, whose "
+        "client is named default",
+    )
+    max_client_inflight: int = opt(
+        0,
+        "requests one client may have admitted and unanswered, beyond it RESOURCE_EXHAUSTED (0 = max_queue: "
+        "only the global limit); the tokens file may set max_inflight per client",
+    )
     tls_cert_file: str | None = opt(None, "PEM certificate chain; with tls_key_file enables TLS")
     tls_key_file: str | None = opt(None, "PEM private key for tls_cert_file")
     metrics_port: int = opt(0, "Prometheus /metrics port on `host` (0 = off)")
@@ -131,6 +142,8 @@ class TeacherConfig(ConfigBase):
             raise ConfigError(
                 f"logprob_memory_budget_gib: must be >= 0, got {self.logprob_memory_budget_gib}"
             )
+        if self.max_client_inflight < 0:
+            raise ConfigError(f"max_client_inflight: must be >= 0, got {self.max_client_inflight}")
         if self.row_chunk < 0 or self.threads < 0:
             raise ConfigError(f"row_chunk/threads: must be >= 0, got {self.row_chunk}/{self.threads}")
         if self.max_connection_age_s < 0 or self.grace_s < 0:

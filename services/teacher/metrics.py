@@ -9,6 +9,16 @@ opd_teacher_prompt_tokens_requested_total  tokens before score_from, summed over
 opd_teacher_prompt_tokens_computed_total   of those, the ones the model ran (P a group when it is shared)
 opd_teacher_request_latency_seconds        Score latency as the server sees it, by status code
 opd_teacher_requests_total{code}           Score calls by status code
+
+Per client (label `client`: a name from the server's token table, "default" for the single token,
+"anonymous" without auth; never a value from the network, so the label set is bounded by the tokens file):
+
+opd_teacher_client_requests_total{client,code}   Score calls
+opd_teacher_client_queue_depth{client}           requests admitted and not yet answered
+opd_teacher_client_input_tokens_total{client}    tokens sent to the model for the client's sequences
+opd_teacher_client_scored_tokens_total{client}   positions scored for the client
+opd_teacher_client_rejected_total{client,reason} RESOURCE_EXHAUSTED at admission: client_limit, queue_full
+opd_teacher_unauthenticated_total                calls refused for a missing or unknown token
 """
 
 from __future__ import annotations
@@ -60,6 +70,30 @@ class TeacherMetrics:
             "opd_teacher_request_latency_seconds", "Score latency", ["code"], buckets=LATENCY, registry=r
         )
         self.requests = Counter("opd_teacher_requests", "Score calls by status code", ["code"], registry=r)
+        self.client_requests = Counter(
+            "opd_teacher_client_requests",
+            "Score calls by client and status code",
+            ["client", "code"],
+            registry=r,
+        )
+        self.client_queue_depth = Gauge(
+            "opd_teacher_client_queue_depth", "requests admitted and not yet answered", ["client"], registry=r
+        )
+        self.client_input_tokens = Counter(
+            "opd_teacher_client_input_tokens", "tokens sent to the model", ["client"], registry=r
+        )
+        self.client_scored_tokens = Counter(
+            "opd_teacher_client_scored_tokens", "positions scored (response rows)", ["client"], registry=r
+        )
+        self.client_rejected = Counter(
+            "opd_teacher_client_rejected",
+            "requests refused at admission (RESOURCE_EXHAUSTED)",
+            ["client", "reason"],
+            registry=r,
+        )
+        self.unauthenticated = Counter(
+            "opd_teacher_unauthenticated", "calls refused for a missing or unknown token", registry=r
+        )
         self._http: WSGIServer | None = None
 
     def observe_batch(
@@ -81,9 +115,16 @@ class TeacherMetrics:
                 )
             )
 
-    def observe_request(self, code: str, seconds: float) -> None:
+    def observe_client_batch(self, clients: Sequence[str], items: Sequence[ScoreItem]) -> None:
+        """A forward that succeeded: `clients[i]` sent `items[i]`."""
+        for client, it in zip(clients, items, strict=True):
+            self.client_input_tokens.labels(client=client).inc(len(it.token_ids))
+            self.client_scored_tokens.labels(client=client).inc(it.rows)
+
+    def observe_request(self, code: str, seconds: float, client: str) -> None:
         self.requests.labels(code=code).inc()
         self.request_latency.labels(code=code).observe(seconds)
+        self.client_requests.labels(client=client, code=code).inc()
 
     def serve(self, host: str, port: int) -> None:
         """Expose /metrics over HTTP on a side port (a daemon thread)."""

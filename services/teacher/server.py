@@ -2,12 +2,11 @@
 
 Startup: bind the port with health NOT_SERVING, load the model, then SERVING. Shutdown (SIGTERM/SIGINT or
 leaving the context): health NOT_SERVING, new Score calls get UNAVAILABLE, in-flight work finishes within
-`grace_s`, then the server stops.
+`grace_s`, then the server stops. SIGHUP re-reads the tokens file (it is also re-read when it changes).
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import signal
 import threading
@@ -23,8 +22,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from opd_teacher_client.v1 import teacher_pb2
 
-from services.common.config import report_config_errors
+from services.common.config import ConfigError, report_config_errors
 from services.common.logs import setup_logging
+from services.teacher.auth import Client, TokensFileError, TokenTable, run_as
 from services.teacher.batcher import Batcher
 from services.teacher.config import TeacherConfig, load_config
 from services.teacher.metrics import TeacherMetrics
@@ -37,21 +37,40 @@ MAX_MESSAGE = 2**31 - 1
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
-    """Rejects calls without `authorization: Bearer <token>` (health checks exempt: probes send no metadata)."""
+    """Rejects calls without `authorization: Bearer <token>` of a client in `tokens` (health checks exempt:
+    probes send no metadata). A unary call runs with `auth.current_client()` set to its client."""
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, tokens: TokenTable, metrics: TeacherMetrics | None = None):
+        self.tokens = tokens
+        self.metrics = metrics
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith("/grpc.health.v1.Health/"):
             return continuation(handler_call_details)
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(given.encode(), self._expected):
-            return continuation(handler_call_details)
+        client = self.tokens.authenticate(given if isinstance(given, str) else "")
         handler = continuation(handler_call_details)
         if handler is None:  # unknown method: let gRPC answer UNIMPLEMENTED
             return None
-        return _deny(handler, "missing or wrong bearer token in metadata `authorization`")
+        if client is None:
+            if self.metrics is not None:
+                self.metrics.unauthenticated.inc()
+            return _deny(handler, "missing or unknown bearer token in metadata `authorization`")
+        return _as_client(handler, client)
+
+
+def _as_client(handler: grpc.RpcMethodHandler, client: Client) -> grpc.RpcMethodHandler:
+    """`handler` with its unary behaviour run as `client` (streams, i.e. reflection, need no client)."""
+    if handler.request_streaming or handler.response_streaming:
+        return handler
+    behaviour = handler.unary_unary
+
+    def call(request, context):
+        return run_as(client, behaviour, request, context)
+
+    return grpc.unary_unary_rpc_method_handler(
+        call, handler.request_deserializer, handler.response_serializer
+    )
 
 
 def _deny(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
@@ -85,6 +104,7 @@ class ServerHandle:
     health: health.HealthServicer
     metrics: TeacherMetrics
     grace_s: float
+    tokens: TokenTable
     metrics_port: int = 0  # 0: no /metrics endpoint
     pool: ThreadPoolExecutor | None = None
     batcher: Batcher | None = None
@@ -116,10 +136,21 @@ class ServerHandle:
         self.metrics.close()
 
 
+def build_token_table(cfg: TeacherConfig) -> TokenTable:
+    """The clients `cfg` admits; ConfigError when the token file or the tokens file is unusable."""
+    try:
+        return TokenTable(cfg.bearer_token(), cfg.tokens_file)
+    except TokensFileError as e:
+        raise ConfigError(f"tokens_file: {e}") from None
+
+
 def _build_grpc_server(
-    cfg: TeacherConfig, servicer: TeacherServicer, health_servicer: health.HealthServicer
+    cfg: TeacherConfig,
+    servicer: TeacherServicer,
+    health_servicer: health.HealthServicer,
+    tokens: TokenTable,
+    metrics: TeacherMetrics,
 ) -> tuple[grpc.Server, ThreadPoolExecutor, int]:
-    token = cfg.bearer_token()
     recv, send = message_limits(cfg)
     options = [
         ("grpc.max_receive_message_length", recv),
@@ -134,7 +165,8 @@ def _build_grpc_server(
         ]
     # Every queued Score holds a thread while it waits; the extra threads keep GetInfo/health responsive.
     pool = ThreadPoolExecutor(max_workers=cfg.threads or cfg.max_queue + 8, thread_name_prefix="teacher-grpc")
-    server = grpc.server(pool, interceptors=[BearerTokenInterceptor(token)] if token else [], options=options)
+    interceptors = [BearerTokenInterceptor(tokens, metrics)] if tokens.enabled else []
+    server = grpc.server(pool, interceptors=interceptors, options=options)
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -158,16 +190,26 @@ def run_server(cfg: TeacherConfig, scorer: Scorer | None = None) -> Iterator[Ser
     `scorer` (an HFScorer/VLLMScorer or other Scorer already built) lets tests and benchmarks share one model between
     servers; by default the config's backend is loaded, and closed on exit.
     """
+    tokens = build_token_table(cfg)
     metrics = TeacherMetrics()
     limits = Limits(cfg.max_top_k, cfg.max_candidates, cfg.max_sequence_tokens, cfg.max_request_tokens)
     servicer = TeacherServicer(limits, metrics)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    server, pool, port = _build_grpc_server(cfg, servicer, health_servicer)
+    server, pool, port = _build_grpc_server(cfg, servicer, health_servicer, tokens, metrics)
     server.start()
     handle = ServerHandle(
-        server, cfg.host, port, servicer, health_servicer, metrics, cfg.grace_s, cfg.metrics_port, pool
+        server,
+        cfg.host,
+        port,
+        servicer,
+        health_servicer,
+        metrics,
+        cfg.grace_s,
+        tokens,
+        cfg.metrics_port,
+        pool,
     )
     owns_scorer = scorer is None
     try:
@@ -183,6 +225,7 @@ def run_server(cfg: TeacherConfig, scorer: Scorer | None = None) -> Iterator[Ser
             cfg.max_queue,
             pads_batches=scorer.info.pads_batches,
             metrics=metrics,
+            max_client_inflight=cfg.max_client_inflight,
         )
         servicer.ready(handle.batcher, scorer.info)
         for name in ("", SERVICE_NAME):
@@ -194,7 +237,7 @@ def run_server(cfg: TeacherConfig, scorer: Scorer | None = None) -> Iterator[Ser
             cfg.host,
             port,
             " with TLS" if cfg.tls_cert_file else "",
-            " with bearer token" if (cfg.token or cfg.token_file) else "",
+            f" with {len(tokens.clients())} token client(s)" if tokens.enabled else "",
         )
         yield handle
     finally:
@@ -206,12 +249,15 @@ def run_server(cfg: TeacherConfig, scorer: Scorer | None = None) -> Iterator[Ser
 @report_config_errors("opd teacher serve")
 def main(argv: list[str] | None = None) -> int:
     cfg = load_config(argv)
-    cfg.bearer_token()  # an unreadable or empty token file fails here, before the model loads
     log = setup_logging("teacher")
+    build_token_table(
+        cfg
+    )  # an unreadable or empty token file or a bad tokens file fails before the model loads
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _frame: stop.set())
     with run_server(cfg) as handle:
+        signal.signal(signal.SIGHUP, lambda signum, _frame: handle.tokens.reload())
         log.info("teacher: ready on %s", handle.address)
         stop.wait()
         log.info("teacher: signal received, draining (grace %.0f s)", cfg.grace_s)

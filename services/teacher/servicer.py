@@ -2,7 +2,8 @@
 
 All logic lives in the scorer and the batcher. Status codes (the contract, see teacher.proto):
 INVALID_ARGUMENT for bad input (message names the sequence and the reason), UNIMPLEMENTED for a feature
-the backend lacks, RESOURCE_EXHAUSTED when the queue is full, UNAVAILABLE while loading or draining,
+the backend lacks, RESOURCE_EXHAUSTED when the queue or the client's in-flight limit is full (the message
+names the limit), UNAVAILABLE while loading or draining,
 DEADLINE_EXCEEDED when the caller's deadline passes in the queue, INTERNAL only for a server fault.
 """
 
@@ -22,7 +23,8 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
 
-from services.teacher.batcher import Batcher, Draining, QueueFull
+from services.teacher.auth import ANONYMOUS, current_client
+from services.teacher.batcher import Batcher, ClientLimit, Draining, QueueFull
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.scorer import ModelInfo, ScoreItem, ScoreResult, Unsupported
 
@@ -228,13 +230,17 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         self, request: teacher_pb2.ScoreRequest, context: grpc.ServicerContext
     ) -> teacher_pb2.ScoreResponse:
         t0 = time.perf_counter()
-        code, response, message = self._score(request, context)
-        self.metrics.observe_request(code.name, time.perf_counter() - t0)
+        client = current_client()  # None: the server has no tokens
+        name = ANONYMOUS if client is None else client.name
+        limit = None if client is None else client.max_inflight
+        code, response, message = self._score(request, context, name, limit)
+        self.metrics.observe_request(code.name, time.perf_counter() - t0, name)
         if code is not grpc.StatusCode.OK:
             log.log(
                 logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.DEBUG,
-                "Score %s request_id=%r: %s",
+                "Score %s client=%s request_id=%r: %s",
                 code.name,
+                name,
                 request.request_id,
                 message,
             )
@@ -243,7 +249,11 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         return response
 
     def _score(
-        self, request: teacher_pb2.ScoreRequest, context: grpc.ServicerContext
+        self,
+        request: teacher_pb2.ScoreRequest,
+        context: grpc.ServicerContext,
+        client: str,
+        max_inflight: int | None,
     ) -> tuple[grpc.StatusCode, teacher_pb2.ScoreResponse | None, str]:
         batcher, info = self.batcher, self.info
         if batcher is None or info is None:
@@ -255,8 +265,10 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServiceServicer):
         except Unsupported as e:
             return grpc.StatusCode.UNIMPLEMENTED, None, str(e)
         try:
-            ticket = batcher.submit(items)
-        except QueueFull as e:
+            ticket = batcher.submit(items, client, max_inflight)
+        except QueueFull as e:  # ClientLimit included
+            reason = "client_limit" if isinstance(e, ClientLimit) else "queue_full"
+            self.metrics.client_rejected.labels(client=client, reason=reason).inc()
             return grpc.StatusCode.RESOURCE_EXHAUSTED, None, str(e)
         except Draining as e:
             return grpc.StatusCode.UNAVAILABLE, None, str(e)

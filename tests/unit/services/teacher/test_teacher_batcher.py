@@ -1,4 +1,5 @@
-"""Dynamic batcher: packing under the token budget, gathering, splitting, backpressure, drain, cancel.
+"""Dynamic batcher: packing under the token budget, gathering, splitting, backpressure, drain, cancel, and
+fairness across clients (per-client queues, in-flight limits, per-client metrics).
 
 The scorer here is a plain function whose answer is derived from each item (so a result delivered to the
 wrong request is caught) and which records the batches it was given.
@@ -13,7 +14,7 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from services.teacher.batcher import Batcher, Draining, QueueFull
+from services.teacher.batcher import Batcher, ClientLimit, Draining, QueueFull
 from services.teacher.metrics import TeacherMetrics
 from services.teacher.scorer import ScoreItem, ScoreResult
 
@@ -21,16 +22,26 @@ from services.teacher.scorer import ScoreItem, ScoreResult
 class RecordingScorer:
     """Answers topk_ids = token ids of the scored rows, so every result identifies its item."""
 
-    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None):
+    def __init__(
+        self,
+        delay_s: float = 0.0,
+        gate: threading.Event | None = None,
+        steps: threading.Semaphore | None = None,
+    ):
         self.batches: list[list[int]] = []  # sequence lengths per forward
+        self.tags: list[list[int]] = []  # the `tag` of each item (its first id // 1000) per forward
+        self.steps = steps  # when given, each forward waits for one release
         self.delay_s = delay_s
         self.gate = gate
         self.fail_next = False
 
     def __call__(self, items: list[ScoreItem]) -> list[ScoreResult]:
+        self.batches.append([len(it.token_ids) for it in items])  # recorded first: a test may wait for it
+        self.tags.append([int(it.token_ids[0]) // 1000 for it in items])
         if self.gate is not None:
             self.gate.wait(5)
-        self.batches.append([len(it.token_ids) for it in items])
+        if self.steps is not None:
+            assert self.steps.acquire(timeout=5), "test never released this forward"
         time.sleep(self.delay_s)
         if self.fail_next:
             self.fail_next = False
@@ -210,3 +221,178 @@ def test_metrics_follow_the_batches():
     assert value("opd_teacher_input_tokens_total") == 8
     assert value("opd_teacher_batch_sequences_count") == 1
     assert value("opd_teacher_queue_depth") == 0
+
+
+# -- clients: fairness, limits, per-client metrics ---------------------------------------------------------
+
+A, B = "pipeline", "outside"
+
+
+def wait_for(predicate, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def test_a_flooding_client_does_not_starve_another():
+    """A queues 30 requests, then B queues 3: B is served in every forward until it is done."""
+    gate = threading.Event()
+    scorer = RecordingScorer(gate=gate)
+    b = Batcher(scorer, max_batch_tokens=8, window_s=0.0, max_queue=64)  # 2 sequences of 4 per forward
+    flood = [b.submit([item(4, 0)], client=A)]
+    wait_for(lambda: len(scorer.batches) == 1)  # A's first forward runs (blocked on the gate)
+    flood += [b.submit([item(4, i)], client=A) for i in range(1, 30)]
+    late = [b.submit([item(4, 100 + i)], client=B) for i in range(3)]
+    gate.set()
+    for i, t in enumerate(late):
+        check(t.future.result(5), [item(4, 100 + i)])
+    for i, t in enumerate(flood):
+        check(t.future.result(5), [item(4, i)])
+    b.close(5)
+    # The forward that ran when B arrived held A's work; the next three carry one B sequence each.
+    assert scorer.tags[:4] == [[0], [1, 100], [2, 101], [3, 102]]
+    assert [t for batch in scorer.tags for t in batch if t < 100] == list(range(30))  # A in order
+
+
+def test_fairness_counts_tokens_not_sequences():
+    """A sends 16-token sequences, B 4-token ones: B gets about 4 sequences per A sequence."""
+    gate = threading.Event()
+    scorer = RecordingScorer(gate=gate)
+    b = Batcher(scorer, max_batch_tokens=32, window_s=0.0, max_queue=64, pads_batches=False)
+    first = b.submit([item(16, 0)], client=A)
+    wait_for(lambda: len(scorer.batches) == 1)
+    a_items = [item(16, i) for i in range(1, 9)]
+    b_items = [item(4, 100 + i) for i in range(16)]
+    ta = b.submit(a_items, client=A)
+    tb = b.submit(b_items, client=B)
+    gate.set()
+    first.future.result(5)
+    check(ta.future.result(5), a_items)
+    check(tb.future.result(5), b_items)
+    b.close(5)
+    served = {A: 16, B: 0}
+    for batch, lengths in zip(scorer.tags[1:], scorer.batches[1:], strict=True):
+        assert sum(lengths) <= 32
+        for tag, n in zip(batch, lengths, strict=True):
+            served[B if tag >= 100 else A] += n
+        # While both are queued their served tokens stay within one sequence (16) of each other.
+        if served[B] < 16 * 4:
+            assert abs(served[A] - served[B]) <= 16 + 4, (scorer.tags, served)
+    # order within each client is kept
+    flat = [t for batch in scorer.tags for t in batch]
+    assert [t for t in flat if t < 100] == list(range(9))
+    assert [t for t in flat if t >= 100] == list(range(100, 116))
+
+
+def test_a_returning_client_gets_no_credit_for_its_idle_time():
+    """One sequence per forward, each forward released by the test: B leaves, A goes on alone for two
+    forwards, B returns with two sequences: they alternate with A's instead of running back to back."""
+    steps = threading.Semaphore(0)
+    scorer = RecordingScorer(steps=steps)
+    b = Batcher(scorer, max_batch_tokens=4, window_s=0.0, max_queue=64)
+    tickets = [b.submit([item(4, 0)], client=A)]
+    wait_for(lambda: len(scorer.batches) == 1)
+    tickets += [b.submit([item(4, i)], client=A) for i in range(1, 7)]
+    tickets.append(b.submit([item(4, 100)], client=B))
+    for n in (2, 3, 4, 5):
+        steps.release()
+        wait_for(lambda n=n: len(scorer.batches) == n)
+    assert scorer.tags == [[0], [1], [100], [2], [3]]  # B served once, then idle while A ran twice
+    tickets += [b.submit([item(4, 101)], client=B), b.submit([item(4, 102)], client=B)]
+    for _ in range(6):  # forwards 5 (running) to 10
+        steps.release()
+    for t in tickets:
+        t.future.result(5)
+    b.close(5)
+    assert scorer.tags[5:] == [[4], [101], [5], [102], [6]]
+
+
+def test_a_sequence_too_big_for_the_rest_of_a_batch_leads_the_next_one():
+    gate = threading.Event()
+    scorer = RecordingScorer(gate=gate)
+    b = Batcher(scorer, max_batch_tokens=20, window_s=0.0, max_queue=64, pads_batches=False)
+    first = b.submit([item(2, 0)], client=A)
+    wait_for(lambda: len(scorer.batches) == 1)
+    ta = b.submit([item(6, i) for i in range(1, 8)], client=A)
+    tb = b.submit([item(18, 100)], client=B)
+    gate.set()
+    for t in (first, ta, tb):
+        t.future.result(5)
+    b.close(5)
+    # B's 18 tokens do not fit beside A's 6: A fills the forward, B leads the next one.
+    assert scorer.tags[1:3] == [[1, 2, 3], [100]]
+
+
+def test_per_client_in_flight_limit():
+    gate = threading.Event()
+    metrics = TeacherMetrics()
+    b = Batcher(
+        RecordingScorer(gate=gate),
+        max_batch_tokens=100,
+        window_s=0.0,
+        max_queue=5,
+        max_client_inflight=2,
+        metrics=metrics,
+    )
+    held = [b.submit([item(3, 1)], client=A), b.submit([item(3, 2)], client=A)]
+    with pytest.raises(ClientLimit, match=r"client 'pipeline' has 2 requests in flight.*limit .* is 2"):
+        b.submit([item(3, 3)], client=A)
+    assert isinstance(ClientLimit("x"), QueueFull)  # the same status code (RESOURCE_EXHAUSTED)
+    # another client is admitted; its own override (max_inflight, from the tokens file) applies to it
+    held.append(b.submit([item(3, 4)], client=B, max_inflight=1))
+    with pytest.raises(ClientLimit, match="limit .* is 1"):
+        b.submit([item(3, 5)], client=B, max_inflight=1)
+    held += [b.submit([item(3, 6)], client="third"), b.submit([item(3, 7)], client="third")]
+    with pytest.raises(QueueFull, match=r"queue full \(5 requests in flight, max_queue\)") as err:
+        b.submit([item(3, 8)], client="fourth")  # the global limit stays
+    assert not isinstance(err.value, ClientLimit)
+    assert (b.client_depth(A), b.client_depth(B), b.depth) == (2, 1, 5)
+    value = metrics.registry.get_sample_value
+    assert value("opd_teacher_client_queue_depth", {"client": A}) == 2
+    gate.set()
+    for t in held:
+        t.future.result(5)
+    assert (b.client_depth(A), b.depth) == (0, 0)
+    check(b.submit([item(3, 9)], client=A).future.result(5), [item(3, 9)])  # admitted again
+    b.close(5)
+    assert value("opd_teacher_client_queue_depth", {"client": A}) == 0
+    assert value("opd_teacher_client_input_tokens_total", {"client": A}) == 3 * 3
+    assert value("opd_teacher_client_input_tokens_total", {"client": "third"}) == 2 * 3
+    assert value("opd_teacher_client_scored_tokens_total", {"client": B}) == 2
+
+
+def test_a_per_client_limit_at_max_queue_reports_the_queue():
+    b = Batcher(RecordingScorer(gate=threading.Event()), 100, 0.0, max_queue=1, max_client_inflight=1)
+    b.submit([item(3, 1)], client=A)
+    with pytest.raises(QueueFull, match="queue full") as err:
+        b.submit([item(3, 2)], client=A)
+    assert not isinstance(err.value, ClientLimit)
+    b.close(0.1)
+
+
+def test_cancel_drops_only_that_clients_sequences():
+    gate = threading.Event()
+    scorer = RecordingScorer(gate=gate)
+    b = Batcher(scorer, max_batch_tokens=4, window_s=0.0, max_queue=8)
+    running = b.submit([item(4, 0)], client=A)
+    wait_for(lambda: len(scorer.batches) == 1)
+    doomed = b.submit([item(4, 1), item(4, 2)], client=A)
+    kept_a = b.submit([item(4, 3)], client=A)
+    kept_b = b.submit([item(4, 100), item(4, 101)], client=B)
+    b.cancel(doomed)
+    assert b.client_depth(A) == 2 and b.client_depth(B) == 1
+    gate.set()
+    running.future.result(5)
+    check(kept_a.future.result(5), [item(4, 3)])
+    check(kept_b.future.result(5), [item(4, 100), item(4, 101)])
+    b.close(5)
+    assert sorted(t for batch in scorer.tags for t in batch) == [0, 3, 100, 101]
+
+
+def test_empty_request_is_refused():
+    b = Batcher(RecordingScorer(), 100, 0.0, max_queue=2)
+    with pytest.raises(ValueError, match="at least one sequence"):
+        b.submit([], client=A)
+    assert b.depth == 0
+    b.close(5)
