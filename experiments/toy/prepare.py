@@ -1,6 +1,7 @@
 """`opd toy prepare`: the toy task's data splits and its teacher and student models, cached.
 
-    runs/toy/data/train.jsonl, eval.jsonl       {"prompt": "123+989=", "answer": "1112"} per line
+    runs/toy/data/train.jsonl, eval.jsonl,      {"prompt": "123+989=", "answer": "1112"} per line
+                  val.jsonl                     (eval = test split, val = validation split: disjoint)
     runs/toy/models/teacher/, student/          Hugging Face format (LlamaForCausalLM + tokenizer)
     runs/toy/models/meta.json                   config hash, measured pass@1 of both models, timings
 
@@ -57,7 +58,10 @@ class ToyConfig(CachedBuildConfig):
 
     out: str = opt("runs/toy", "output directory (data/*.jsonl, models/{teacher,student}, models/meta.json)")
     n_train: int = opt(5000, "prompts in data/train.jsonl (the prompts distillation trains on)")
-    n_eval: int = opt(200, "held-out prompts in data/eval.jsonl (never seen in any training)")
+    n_eval: int = opt(200, "held-out test prompts in data/eval.jsonl (never seen in any training)")
+    n_val: int = opt(
+        200, "held-out validation prompts in data/val.jsonl (select checkpoints; disjoint from eval)"
+    )
     min_digits: int = opt(3, "fewest digits of an operand")
     max_digits: int = opt(4, "most digits of an operand")
     hidden_size: int = opt(128, "model width (both models)")
@@ -79,7 +83,7 @@ class ToyConfig(CachedBuildConfig):
         check_model_shape(self)
         check_digits(self)
         check_at_least_one(
-            self, ("n_train", "n_eval", "batch_size", "teacher_steps", "student_steps", "num_layers")
+            self, ("n_train", "n_eval", "n_val", "batch_size", "teacher_steps", "student_steps", "num_layers")
         )
         check_rates(self, ("teacher_target", "student_target", "eval_top_p"))
         if self.threads < 0:
@@ -104,6 +108,10 @@ class ToyPaths:
         return self.out / "data" / "eval.jsonl"
 
     @property
+    def val(self) -> Path:
+        return self.out / "data" / "val.jsonl"
+
+    @property
     def teacher(self) -> Path:
         return self.out / "models" / "teacher"
 
@@ -117,13 +125,19 @@ class ToyPaths:
 
 
 def _needed(paths: ToyPaths) -> list[Path]:
-    return [paths.train, paths.eval, paths.teacher / "config.json", paths.student / "config.json"]
+    return [paths.train, paths.eval, paths.val, paths.teacher / "config.json", paths.student / "config.json"]
 
 
 def _train_one(
-    cfg: ToyConfig, role: str, eos_token: str, eval_split: list[Problem], out_dir: Path
+    cfg: ToyConfig,
+    role: str,
+    eos_token: str,
+    eval_split: list[Problem],
+    out_dir: Path,
+    held_out: list[Problem],
 ) -> dict[str, Any]:
-    """Train one model from scratch, measure its pass@1 on the eval split, save it; returns its meta."""
+    """Train one model from scratch on problems outside `held_out` (eval and val), measure its pass@1 on
+    the eval split, save it; returns its meta."""
     from experiments.toy.pretrain import new_model, save_and_describe, train
     from experiments.toy.task import build_tokenizer, generate_and_score, problem_stream
 
@@ -131,7 +145,7 @@ def _train_one(
     offset = {"teacher": 1, "student": 2}[role]
     model = new_model(cfg, tokenizer, cfg.seed * 1000 + offset, max_positions=128)
     stream = problem_stream(
-        cfg.seed * 1000 + offset, cfg.min_digits, cfg.max_digits, exclude=[p.prompt for p in eval_split]
+        cfg.seed * 1000 + offset, cfg.min_digits, cfg.max_digits, exclude=[p.prompt for p in held_out]
     )
     steps = cfg.teacher_steps if role == "teacher" else cfg.student_steps
     target = cfg.teacher_target if role == "teacher" else cfg.student_target
@@ -189,23 +203,26 @@ def _build(cfg: ToyConfig, paths: ToyPaths) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     with training_threads(cfg) as threads:
-        train_split, eval_split = make_splits(
-            cfg.seed, cfg.n_train, cfg.n_eval, cfg.min_digits, cfg.max_digits
+        train_split, eval_split, val_split = make_splits(
+            cfg.seed, cfg.n_train, cfg.n_eval, cfg.min_digits, cfg.max_digits, cfg.n_val
         )
         write_jsonl(paths.train, train_split)
         write_jsonl(paths.eval, eval_split)
+        write_jsonl(paths.val, val_split)
         models: dict[str, Any] = {}
         for role, eos in (("teacher", TEACHER_EOS), ("student", STUDENT_EOS)):
             out_dir = getattr(paths, role)
             shutil.rmtree(out_dir, ignore_errors=True)
-            models[role] = _train_one(cfg, role, eos, eval_split, out_dir)
+            models[role] = _train_one(cfg, role, eos, eval_split, out_dir, eval_split + val_split)
     return {
         **meta_header(cfg, RECIPE_VERSION, threads),
         "data": {
             "train": str(paths.train),
             "eval": str(paths.eval),
+            "val": str(paths.val),
             "n_train": len(train_split),
             "n_eval": len(eval_split),
+            "n_val": len(val_split),
         },
         "teacher": models["teacher"],
         "student": models["student"],

@@ -104,19 +104,22 @@ def problem_stream(
 
 
 def make_splits(
-    seed: int, n_train: int, n_eval: int, min_digits: int = 3, max_digits: int = 4
-) -> tuple[list[Problem], list[Problem]]:
-    """Distinct train and eval problems, deterministic from `seed`; no prompt is in both splits.
+    seed: int, n_train: int, n_eval: int, min_digits: int = 3, max_digits: int = 4, n_val: int = 0
+) -> tuple[list[Problem], list[Problem], list[Problem]]:
+    """Distinct (train, eval, val) problems, deterministic from `seed`; no prompt is in two splits.
 
-    The eval split is drawn first, so it does not change when `n_train` does.
+    eval is the test split (reported); val is the validation split that selects checkpoints. The eval
+    split is drawn first, then val, then train, so neither held-out split changes when `n_train` does.
     """
     space = sum(9 * 10 ** (n - 1) if n > 1 else 10 for n in range(min_digits, max_digits + 1)) ** 2
-    if n_train + n_eval > space // 2:
-        raise ValueError(f"{n_train} + {n_eval} problems asked for, but only {space} distinct prompts exist")
+    if n_train + n_eval + n_val > space // 2:
+        raise ValueError(
+            f"{n_train} + {n_eval} + {n_val} problems asked for, but only {space} distinct prompts exist"
+        )
     rng = random.Random(f"toy-splits-{seed}")
     seen: set[str] = set()
     splits: list[list[Problem]] = []
-    for n in (n_eval, n_train):
+    for n in (n_eval, n_val, n_train):
         split: list[Problem] = []
         while len(split) < n:
             p = random_problem(rng, min_digits, max_digits)
@@ -124,8 +127,8 @@ def make_splits(
                 seen.add(p.prompt)
                 split.append(p)
         splits.append(split)
-    eval_split, train_split = splits
-    return train_split, eval_split
+    eval_split, val_split, train_split = splits
+    return train_split, eval_split, val_split
 
 
 def write_jsonl(path: Path, problems: Sequence[Problem]) -> None:

@@ -89,23 +89,26 @@ def test_negative_operands_rejected():
 
 
 def test_splits_deterministic_distinct_and_disjoint():
-    train, ev = make_splits(seed=0, n_train=3000, n_eval=200)
-    train2, ev2 = make_splits(seed=0, n_train=3000, n_eval=200)
-    assert train == train2 and ev == ev2
-    assert len(train) == 3000 and len(ev) == 200
-    train_prompts, eval_prompts = {p.prompt for p in train}, {p.prompt for p in ev}
-    assert len(train_prompts) == 3000 and len(eval_prompts) == 200
-    assert not train_prompts & eval_prompts
-    other_train, other_ev = make_splits(seed=1, n_train=3000, n_eval=200)
+    train, ev, val = make_splits(seed=0, n_train=3000, n_eval=200, n_val=150)
+    assert (train, ev, val) == make_splits(seed=0, n_train=3000, n_eval=200, n_val=150)
+    assert len(train) == 3000 and len(ev) == 200 and len(val) == 150
+    prompts = [{p.prompt for p in split} for split in (train, ev, val)]
+    assert [len(p) for p in prompts] == [3000, 200, 150]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    other_train, other_ev, _ = make_splits(seed=1, n_train=3000, n_eval=200)
     assert other_ev != ev and other_train != train
+    assert make_splits(0, 10, 5)[2] == []  # no validation split unless asked
 
 
-def test_eval_split_does_not_depend_on_train_size():
+def test_held_out_splits_do_not_depend_on_train_size():
     assert make_splits(0, 100, 50)[1] == make_splits(0, 2000, 50)[1]
+    assert make_splits(0, 100, 50, n_val=20)[1:] == make_splits(0, 2000, 50, n_val=20)[1:]
+    # adding a validation split leaves the test split as it was
+    assert make_splits(0, 100, 50, n_val=20)[1] == make_splits(0, 100, 50)[1]
 
 
 def test_operand_widths_follow_config():
-    train, ev = make_splits(seed=3, n_train=2000, n_eval=100, min_digits=3, max_digits=4)
+    train, ev, _ = make_splits(seed=3, n_train=2000, n_eval=100, min_digits=3, max_digits=4)
     widths = {len(str(x)) for p in train + ev for x in (p.a, p.b)}
     assert widths == {3, 4}
 
@@ -116,7 +119,7 @@ def test_too_many_problems_for_the_space_is_an_error():
 
 
 def test_problem_stream_is_deterministic_and_excludes():
-    _, ev = make_splits(0, 10, 5, min_digits=1, max_digits=1)
+    _, ev, _ = make_splits(0, 10, 5, min_digits=1, max_digits=1)
     banned = {p.prompt for p in ev}
     first = [next(s) for s in [problem_stream(7, 1, 1, exclude=banned)] for _ in range(200)]
     again = [next(s) for s in [problem_stream(7, 1, 1, exclude=banned)] for _ in range(200)]
@@ -129,7 +132,7 @@ def test_problem_stream_is_deterministic_and_excludes():
 
 
 def test_completions_are_at_least_30_tokens(teacher_tok):
-    train, ev = make_splits(0, 500, 100)
+    train, ev, _ = make_splits(0, 500, 100)
     for p in train + ev + [Problem(100, 100)]:  # 100+100 is the shortest possible completion
         ids = teacher_tok(p.completion, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(p.completion) >= 30
