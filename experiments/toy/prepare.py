@@ -8,7 +8,8 @@
 Both models are trained from scratch with the same recipe (pretrain.train) on fresh problems; the teacher
 until its training-batch sequence accuracy reaches `teacher_target`, the student only until
 `student_target`, so it is partially competent and on-policy distillation has room to raise it. They share
-one vocabulary but end answers with different end markers (teacher `<|im_end|>`, student `</s>`).
+one 258-id vocabulary (experiments/toy/task.py: the line fillers make K matter) but end answers with
+different end markers (teacher `<|im_end|>`, student `</s>`).
 
 meta.json is written last and records the hash of every field that changes the outputs: a second run with
 the same config finds it and returns at once; `--force` retrains. torch and transformers are imported only
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from experiments.toy.task import Problem
 
 # Bump when the task format or the training recipe changes, so that old caches are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: filler characters (258-id vocabulary), validation split
 
 
 @dataclass
@@ -76,7 +77,7 @@ class ToyConfig(CachedBuildConfig):
     teacher_target: float = opt(0.985, "stop the teacher once its batch sequence accuracy (EMA) reaches this")
     student_steps: int = opt(600, "planned (and maximum) student training steps (same schedule as teacher)")
     student_target: float = opt(0.15, "stop the student once its batch sequence accuracy (EMA) reaches this")
-    eval_max_new_tokens: int = opt(64, "generation budget when measuring pass@1 (a completion is <= 43)")
+    eval_max_new_tokens: int = opt(64, "generation budget when measuring pass@1 (a completion is <= 47)")
     eval_top_p: float = opt(0.9, "top-p of the sampled pass@1 measurement (temperature 1)")
 
     def __post_init__(self) -> None:
@@ -139,7 +140,7 @@ def _train_one(
     """Train one model from scratch on problems outside `held_out` (eval and val), measure its pass@1 on
     the eval split, save it; returns its meta."""
     from experiments.toy.pretrain import new_model, save_and_describe, train
-    from experiments.toy.task import build_tokenizer, generate_and_score, problem_stream
+    from experiments.toy.task import build_tokenizer, filler_ids, generate_and_score, problem_stream
 
     tokenizer = build_tokenizer(eos_token)
     offset = {"teacher": 1, "student": 2}[role]
@@ -160,6 +161,7 @@ def _train_one(
         warmup_steps=cfg.warmup_steps,
         target_seq_acc=target,
         desc=role,
+        free_ids=filler_ids(tokenizer),
     )
     prompts, answers = [p.prompt for p in eval_split], [p.answer for p in eval_split]
     t0 = time.perf_counter()
@@ -180,8 +182,10 @@ def _train_one(
     return {
         **save_and_describe(model, tokenizer, out_dir),
         **result.meta(),
-        "pass1_greedy": greedy.accuracy,
+        "pass1_greedy": greedy.accuracy,  # strict: right and ended with its own end marker
         "pass1_sampled": sampled.accuracy,
+        "pass1_greedy_lenient": greedy.lenient_accuracy,
+        "pass1_sampled_lenient": sampled.lenient_accuracy,
         "eos_rate_greedy": greedy.eos_rate,
         "eos_rate_sampled": sampled.eos_rate,
         "mean_new_tokens_greedy": greedy.mean_new_tokens,
@@ -234,7 +238,8 @@ def summary_table(result: PrepareResult) -> Table:
     meta = result.meta
     table = Table(
         title=f"toy task, {meta['data']['n_eval']} eval prompts ({how_made(result)})",
-        caption=f"sampled: temperature 1, top-p {meta['config']['eval_top_p']}; models and meta.json under "
+        caption=f"pass@1: strict (right, ended with its own end marker; lenient in meta.json); sampled: "
+        f"temperature 1, top-p {meta['config']['eval_top_p']}; models and meta.json under "
         f"{result.paths.meta.parent}, prompts under {result.paths.train.parent}",
     )
     for col in ("model", "end marker", "params", "steps", "pass@1 greedy", "pass@1 sampled", "own eos"):
