@@ -118,26 +118,32 @@ def evaluate_model(
     top_p: float = 1.0,
     seed: int = 0,
 ) -> dict[str, float]:
-    """{"pass@1": greedy accuracy, "avg@n": mean accuracy of n samples per prompt} on a JSONL eval file.
+    """{"pass@1": greedy accuracy, "avg@n": mean accuracy of n samples per prompt} on a JSONL eval file,
+    both strict (right AND ended with the tokenizer's eos, the model's own end marker), and the same with
+    `_lenient` (right, the text cut at the first special token of either model).
 
     `verifier` is a rollout verifier's name or a (completion, answer) -> score function. Texts are judged
     like the rollout worker judges them (up to the first special token)."""
-    from services.common.verifiers import completion_text, get_verifier
+    from services.common.verifiers import completion_text, ends_with_own_marker, get_verifier, own_end_ids
 
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()]
     rows = rows[:max_prompts] if max_prompts else rows
     prompts, answers = [r["prompt"] for r in rows], [str(r["answer"]) for r in rows]
     check = get_verifier(verifier) if isinstance(verifier, str) else verifier
+    end_ids = own_end_ids(tokenizer)
     out = {}
     for key, greedy in (("pass@1", True), ("avg@n", False)):
         _, comps = sample_completions(
             model, tokenizer, prompts, n, greedy, max_new_tokens, temperature, top_p, seed
         )
-        scores = [
-            sum(float(check(completion_text(tokenizer, c), a)) for c in cs) / len(cs)
-            for cs, a in zip(comps, answers, strict=True)
-        ]
-        out[key] = sum(scores) / len(scores)
+        lenient, strict = [], []
+        for cs, a in zip(comps, answers, strict=True):
+            scores = [float(check(completion_text(tokenizer, c), a)) for c in cs]
+            own = [ends_with_own_marker(tokenizer, c, end_ids) for c in cs]
+            lenient.append(sum(scores) / len(cs))
+            strict.append(sum(v for v, e in zip(scores, own, strict=True) if e) / len(cs))
+        out[key] = sum(strict) / len(strict)
+        out[f"{key}_lenient"] = sum(lenient) / len(lenient)
     return out
 
 

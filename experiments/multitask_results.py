@@ -4,6 +4,10 @@ the table over variants and seeds, and the curve panels.
 Each task's eval metric is what the trainer logs for it (trainer/train.py `_eval_tasks`):
 `task/<name>/eval/pass@1` for a prompt task (greedy, through the rollout service) and
 `task/<name>/eval/success_rate` for an environment task (greedy episodes on held-out seeds).
+
+No "best" over the test evals is reported (a maximum over test scores picks the checkpoint on the test set
+and overstates it). Where a task also logs a validation eval (`task/<name>/val/...`, same metric), the
+"val-selected" column is the test value at the eval with the best validation value.
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ def short(key: str) -> str:
 
 
 def summarize_tasks(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Per task eval metric: its first value (the student before training), last, best, and the batch of the
-    last one; plus the batches trained. Raises when the run logged no per-task eval."""
+    """Per task eval metric: its first value (the student before training), last, the batch of the last
+    one, and with a validation eval the test value selected on it (`selected`); plus the batches trained.
+    Raises when the run logged no per-task eval."""
     keys = task_eval_keys(rows)
     if not keys:
         raise ValueError("the run logged no task/<name>/eval/... (trainer.eval_every = 0, or no tasks?)")
@@ -45,28 +50,37 @@ def summarize_tasks(rows: list[dict[str, Any]]) -> dict[str, float]:
         name = short(key)
         out[f"{name}/before"] = points[0][1]
         out[f"{name}/final"] = points[-1][1]
-        out[f"{name}/best"] = max(v for _, v in points)
         out[f"{name}/at_batch"] = float(points[-1][0])
+        val_key = key.replace("/eval/", "/val/")
+        both = [r for r in rows if key in r and val_key in r]
+        if both:  # highest validation value, earliest batch on a tie; the test value is only reported
+            chosen = max(both, key=lambda r: (float(r[val_key]), -float(r.get("batch", 0))))
+            out[f"{name}/selected"] = float(chosen[key])
     out["batches"] = float(max((r.get("batch", 0) for r in rows), default=0))
     return out
 
 
 def tasks_table(results: dict[str, list[dict[str, float]]]) -> str:
-    """Markdown: one row per variant, `mean ± std` over seeds of each task's before / last / best eval."""
+    """Markdown: one row per variant, `mean ± std` over seeds of each task's before / last eval, and its
+    val-selected eval where a run has one."""
     names = list(
         dict.fromkeys(k.rsplit("/", 1)[0] for runs in results.values() for s in runs for k in s if "/" in k)
     )
-    header = ["variant", "seeds"]
-    for name in names:
-        header += [f"{name} before", f"{name} last", f"{name} best"]
+    titles = {"before": "before", "final": "last", "selected": "val-selected"}
+    columns = [
+        (name, part)
+        for name in names
+        for part in titles
+        if part != "selected" or any(f"{name}/selected" in s for runs in results.values() for s in runs)
+    ]
+    header = ["variant", "seeds"] + [f"{name} {titles[part]}" for name, part in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in results.items():
         cells = [label, str(len(runs))]
-        for name in names:
-            for part in ("before", "final", "best"):
-                values = [s[f"{name}/{part}"] for s in runs if f"{name}/{part}" in s]
-                mean, std = mean_std(values)
-                cells.append(f"{mean:.3f} ± {std:.3f}" if values else "–")
+        for name, part in columns:
+            values = [s[f"{name}/{part}"] for s in runs if f"{name}/{part}" in s]
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.3f} ± {std:.3f}" if values else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -10,7 +10,9 @@
 `table` and `ablations` build one TOML file per (variant, seed) from the base file (demo.toml) with section
 overrides, run the whole local pipeline (`opd up`, as a subprocess) for each, one after the other, and then
 collect from every run's metrics.jsonl the first and last `eval/pass@1` (greedy, through the rollout
-service). When `--avg-n` > 0, each run's final checkpoint is also evaluated here with transformers: greedy
+service; STRICT: right and ended with the student's own end marker, the lenient score beside it) and the
+test pass@1 of the checkpoint selected on the validation split (`select_checkpoint`: the eval with the best
+`val/pass@1`; the test scores never choose). When `--avg-n` > 0, each run's final checkpoint is also evaluated here with transformers: greedy
 pass@1 and avg@n (n samples per prompt at trainer.eval_temperature and eval_top_p). Outputs, under
 `<out>/<name>/`: `configs/`, `runs/<run>/` (each pipeline run), `results.json`, `table.md` (mean +- std
 over seeds, like Table 1) and `curves.png` (one panel per metric, one line per variant: Figures 6-8).
@@ -36,7 +38,12 @@ from typing import Any
 
 import tomli_w
 
-from experiments.report import mean_curve, mean_std, plot_curves  # noqa: F401 (mean_curve: API)
+from experiments.report import (  # noqa: F401 (mean_curve: API)
+    mean_curve,
+    mean_std,
+    plot_curves,
+    select_checkpoint,
+)
 from services.common.config import report_config_errors
 
 log = logging.getLogger("opd.experiment")
@@ -57,6 +64,15 @@ class Variant:
 def _k_variant(k: int) -> Variant:
     # The worker must store at least K teacher ids per position; the teacher serves at most 64.
     return Variant(f"LSM K={k}", {"trainer": {"top_k": k}, "worker": {"top_k": max(k, 16)}})
+
+
+# K = 1 is left out of the K ablation on purpose: renormalised on a one-id support both distributions are 1
+# there, so the LSM loss (and its gradient) is identically zero and the run only measures the untrained
+# student. build_variant_config refuses it; without renormalisation K = 1 is a valid (different) objective.
+K_ONE_NOTE = (
+    "K = 1 is not run: with renormalisation the one-id support gives both distributions mass 1, so the LSM "
+    "loss is identically 0 (no training signal)."
+)
 
 
 def _support_variant(support: str) -> Variant:
@@ -100,7 +116,7 @@ EXPERIMENTS: dict[str, list[Variant]] = {
         Variant("LSM reference (K=16)", {"trainer": {"objective": "lsm"}}),
         Variant("no renormalisation", {"trainer": {"objective": "lsm", "renormalize": False}}),
         Variant("no top-p (p=1)", {"trainer": {"objective": "lsm"}, "worker": {"top_p": 1.0}}),
-        _k_variant(1),
+        # K in {4, 16 (the reference), 64}; the toy's 258-id vocabulary keeps K = 64 a real subset.
         _k_variant(4),
         _k_variant(64),
         _support_variant("student_topk"),
@@ -137,8 +153,8 @@ def build_variant_config(
 
     The seed goes to both the trainer (init/shuffling) and the worker (sampling), so seeds differ in
     everything random. `batches` <= 0 keeps the base file's trainer.max_batches, `eval_every` <= 0 the base
-    file's trainer.eval_every. A K above `vocab_size` (when > 0) is capped to it: the toy vocabulary has 18
-    ids, so "K=64" there means the full distribution.
+    file's trainer.eval_every. A K above `vocab_size` (when > 0) is capped to it (K = V is the full
+    distribution). K = 1 with renormalisation is refused: that loss is identically zero (K_ONE_NOTE).
     """
     cfg = copy.deepcopy(base)
     for section, values in variant.overrides.items():
@@ -158,6 +174,8 @@ def build_variant_config(
         # K beyond the vocabulary is the whole vocabulary (the teacher serves at most V ids per position).
         trainer["top_k"] = vocab_size
         worker["top_k"] = min(int(worker.get("top_k", 32)), vocab_size)
+    if int(trainer.get("top_k", 16)) == 1 and trainer.get("renormalize", True):
+        raise ValueError(f"{variant.label}: trainer.top_k = 1 with renormalize: {K_ONE_NOTE}")
     if int(worker.get("top_k", 32)) < int(trainer.get("top_k", 16)):
         raise ValueError(
             f"{variant.label}: worker.top_k {worker.get('top_k')} < trainer.top_k {trainer['top_k']}"
@@ -173,17 +191,26 @@ def build_variant_config(
 
 
 def summarize_run(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Before/final eval pass@1 and the last training values of a run's metrics rows."""
-    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
-    if not evals:
+    """Before/final eval pass@1 (strict, and lenient beside it), the test pass@1 of the checkpoint selected
+    on validation, and the last training values of a run's metrics rows."""
+    eval_rows = [r for r in rows if "eval/pass@1" in r]
+    if not eval_rows:
         raise ValueError("the run logged no eval/pass@1 (trainer.eval_every = 0?)")
+    first, last = eval_rows[0], eval_rows[-1]
     out = {
-        "pass@1_before": float(evals[0]),
-        "pass@1_final": float(evals[-1]),
-        "pass@1_max": float(max(evals)),
+        "pass@1_before": float(first["eval/pass@1"]),
+        "pass@1_final": float(last["eval/pass@1"]),
         # The last eval need not be at the last batch (max_batches not a multiple of eval_every): say where.
-        "last_eval_batch": float(max(r.get("batch", 0) for r in rows if "eval/pass@1" in r)),
+        "last_eval_batch": float(last.get("batch", 0)),
     }
+    for key, row in (("pass@1_lenient_before", first), ("pass@1_lenient_final", last)):
+        if "eval/pass@1_lenient" in row:
+            out[key] = float(row["eval/pass@1_lenient"])
+    selected = select_checkpoint(rows)
+    if selected is not None:
+        out["pass@1_selected"] = float(selected["eval/pass@1"])
+        out["selected_batch"] = float(selected.get("batch", 0))
+        out["val_pass@1_selected"] = float(selected["val/pass@1"])
     for key in ("response/length", "teacher/gap_mean", "grad/norm"):
         values = [r[key] for r in rows if key in r]
         if values:
@@ -200,9 +227,12 @@ def summarize_run(rows: list[dict[str, Any]]) -> dict[str, float]:
 TABLE_COLUMNS = [
     ("pass@1_before", "pass@1 before"),
     ("pass@1_final", "pass@1 last eval"),
+    ("pass@1_lenient_final", "lenient pass@1 last eval"),
     ("last_eval_batch", "at batch"),
-    ("pass@1_max", "pass@1 best"),
+    ("pass@1_selected", "pass@1 of val-selected ckpt"),
+    ("selected_batch", "selected at batch"),
     ("posthoc/pass@1", "final pass@1 (HF greedy)"),
+    ("posthoc/pass@1_lenient", "final lenient pass@1 (HF greedy)"),
     ("posthoc/avg@n", "final avg@n (HF sampled)"),
     ("response/length", "final length"),
     ("run/ends_own_eos", "ends with own eos (run)"),
@@ -223,9 +253,11 @@ def results_table(results: dict[str, list[dict[str, float]]]) -> str:
         for key, _ in columns:
             values = [s[key] for s in runs if key in s]
             mean, std = mean_std(values)
-            fmt = {"response/length": "{:.1f} ± {:.1f}", "last_eval_batch": "{:.0f}"}.get(
-                key, "{:.3f} ± {:.3f}"
-            )
+            fmt = {
+                "response/length": "{:.1f} ± {:.1f}",
+                "last_eval_batch": "{:.0f}",
+                "selected_batch": "{:.0f} ± {:.0f}",
+            }.get(key, "{:.3f} ± {:.3f}")
             cells.append(fmt.format(mean, std) if values else "–")
         lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -307,7 +339,8 @@ def run_experiment(
         summary["seed"], summary["wall_s"] = float(seed), time.perf_counter() - t0
         if avg_n > 0 and name != "multitask":  # the post-hoc eval reads one eval_file; tasks eval in-run
             post = posthoc_eval(runs_dir / run_name, cfg, avg_n)
-            summary["posthoc/pass@1"], summary["posthoc/avg@n"] = post["pass@1"], post["avg@n"]
+            for key in ("pass@1", "pass@1_lenient", "avg@n", "avg@n_lenient"):
+                summary[f"posthoc/{key}"] = post[key]
         results[variant.label].append(summary)
         curves[variant.label].append(rows)
         # Written after every run, so a long experiment interrupted midway still leaves its partial table.
@@ -330,9 +363,9 @@ def _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n) -> Non
         (exp_dir / "table.md").write_text(
             f"# opd experiment multitask\n\nseeds {seeds}, {batches or 'base-file'} batches per run (tasks "
             "alternate batch by batch); per task the trainer's greedy eval: pass@1 of the prompt task, success "
-            "rate of the environment task, before training, at the last eval, and the best eval.\n\n"
-            + tasks_table(done)
-            + "\n![curves](curves.png)\n"
+            "rate of the environment task, before training and at the last eval (no best-of-test column: selecting "
+            "on the test set overstates it; a val-selected column appears where tasks log a validation eval)."
+            "\n\n" + tasks_table(done) + "\n![curves](curves.png)\n"
         )
         plot_task_curves(
             {k: curves[k] for k in done}, exp_dir / "curves.png", title="opd experiment multitask"
@@ -341,9 +374,14 @@ def _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n) -> Non
     table = results_table(done)
     header = (
         f"# opd experiment {name}\n\nseeds {seeds}, {batches or 'base-file'} batches per run; pass@1 columns "
-        f"from the trainer's greedy eval (first and last eval); HF columns: final checkpoint, avg@{avg_n} "
-        "at the eval temperature/top-p.\n\n"
+        "from the trainer's greedy eval on the test prompts (first and last eval). pass@1 is STRICT: the "
+        "answer is right AND the completion ends with the student's own end marker; the lenient score also "
+        "accepts an answer closed by the teacher's marker. The val-selected checkpoint is the eval with the "
+        "best validation pass@1 (held-out prompts disjoint from the test set); its TEST pass@1 is reported. "
+        f"HF columns: final checkpoint, avg@{avg_n} at the eval temperature/top-p.\n\n"
     )
+    if name == "ablations":
+        header += K_ONE_NOTE + "\n\n"
     (exp_dir / "table.md").write_text(header + table + "\n![curves](curves.png)\n")
     plot_curves({k: curves[k] for k in done}, exp_dir / "curves.png", title=f"opd experiment {name}")
 

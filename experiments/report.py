@@ -17,7 +17,9 @@ from trainer.metrics import read_metrics  # noqa: E402
 
 # Panels of every curve plot: (metrics key, title). Keys a run never logs (clip fraction under LSM) are skipped.
 PANELS = [
-    ("eval/pass@1", "eval pass@1 (greedy)"),
+    ("eval/pass@1", "eval pass@1, strict (greedy)"),
+    ("eval/pass@1_lenient", "eval pass@1, lenient (greedy)"),
+    ("val/pass@1", "validation pass@1, strict (greedy)"),
     ("opd/reward_mean", "training reward (teacher - behaviour logprob)"),
     ("grad/norm", "grad norm"),
     ("opd/clip_frac", "clip fraction"),
@@ -91,6 +93,16 @@ def plot_curves(
     return out
 
 
+def select_checkpoint(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The eval row of the checkpoint selected on the VALIDATION split: the highest `val/pass@1` (strict),
+    the earliest batch on a tie; None when the run logged no validation eval. Only `val/...` keys choose;
+    the caller reports the test scores (`eval/...`) of the chosen row."""
+    candidates = [r for r in rows if "val/pass@1" in r and "eval/pass@1" in r]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda r: (float(r["val/pass@1"]), -float(r.get("batch", 0))))
+
+
 def task_panels(rows: list[dict]) -> list[tuple[str, str]]:
     """Panels of a multi-task run, before PANELS: each task's eval (pass@1 or success rate), then its loss."""
     evals: dict[str, None] = {}
@@ -122,28 +134,36 @@ def _task_evals(rows: list[dict]) -> dict[str, tuple[float, float]]:
 
 
 def write_report(run_dir: Path) -> Path:
-    """report.md with before/after eval accuracy and the training curves (plots/training.png)."""
+    """report.md with before/after eval accuracy (strict pass@1, the lenient one beside it, and the
+    checkpoint selected on validation) and the training curves (plots/training.png)."""
     rows = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() else []
-    evals = [r["eval/pass@1"] for r in rows if "eval/pass@1" in r]
+    evals = [r for r in rows if "eval/pass@1" in r]
     plot = plot_run(rows, run_dir / "plots" / "training.png", title=run_dir.name)
     lines = [f"# Run `{run_dir.name}`", ""]
     if evals:
+
+        def cells(row: dict) -> str:
+            lenient = row.get("eval/pass@1_lenient")
+            return f"{row['eval/pass@1']:.3f} | " + ("–" if lenient is None else f"{lenient:.3f}")
+
         before, after = evals[0], evals[-1]
         lines += [
-            "| | pass@1 |",
-            "|---|---|",
-            f"| before (student at start) | {before:.3f} |",
-            f"| after ({rows[-1].get('batch', len(rows))} batches) | {after:.3f} |",
-            f"| change | {after - before:+.3f} |",
+            "pass@1 (strict): right answer AND the completion ends with the student's own end marker; "
+            "lenient: right answer, cut at the first special token of either model.",
             "",
+            "| | pass@1 | lenient pass@1 |",
+            "|---|---|---|",
+            f"| before (student at start) | {cells(before)} |",
+            f"| after ({rows[-1].get('batch', len(rows))} batches) | {cells(after)} |",
+            f"| change | {after['eval/pass@1'] - before['eval/pass@1']:+.3f} | |",
         ]
-    elif task_evals := _task_evals(rows):
-        lines += ["| task eval | before | after | change |", "|---|---|---|---|"]
-        for key, (before, after) in task_evals.items():
-            lines.append(f"| {key} | {before:.3f} | {after:.3f} | {after - before:+.3f} |")
+        selected = select_checkpoint(rows)
+        if selected is not None:
+            lines.append(
+                f"| selected on validation (batch {selected.get('batch', 0)}, val {selected['val/pass@1']:.3f}) "
+                f"| {cells(selected)} |"
+            )
         lines.append("")
-    else:
-        lines += ["No evaluation ran (set trainer.eval_every).", ""]
     last = rows[-1] if rows else {}
     keys = [
         "loss/lsm",

@@ -186,6 +186,9 @@ class TrainerConfig(ConfigBase):
     eval_max_prompts: int = opt(0, "evaluate only the first N prompts (0 = all)")
     eval_verifier: str = opt("exact_match", f"answer checker: one of {VERIFIERS}")
     eval_chat_template: bool = opt(False, "wrap `prompt` texts in the chat template")
+    val_file: str = opt(
+        "", "validation prompts, disjoint from eval_file, evaluated with it (val/...) to select checkpoints"
+    )
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -1,12 +1,19 @@
 """Evaluation through the rollout service: pass@1 and avg@n on a held-out prompt file.
 
-    avg@n   mean over prompts of the fraction of n samples the verifier accepts (an unbiased pass@1 estimate)
+    avg@n   mean over prompts of the fraction of n samples accepted (an unbiased pass@1 estimate)
     pass@n  fraction of prompts with at least one accepted sample
     pass@1  greedy decoding's accuracy when greedy, else avg@n
 
+A sample is accepted STRICTLY (the headline `eval/pass@1`, `eval/avg@n`, `eval/pass@n`) when the verifier
+accepts its text and it ends with the student's own end marker (services/common/verifiers.py
+`ends_with_own_marker`): what the student, served alone, would answer. The LENIENT scores
+(`eval/pass@1_lenient`, ...) only ask the verifier, which judges the text up to the first special token of
+either model (`completion_text`, as the rollout worker does), so an answer closed with the teacher's end
+marker counts there. `eval/ends_own_eos` is the share of samples that end with their own marker.
+
 Greedy decoding goes through the ordinary sampling API: with top_p -> 0 the nucleus (the smallest set whose
-mass reaches top_p) is the single most likely token. Completions are judged on their text up to the first
-special token, exactly as the rollout worker does (services/common/verifiers.py `completion_text`).
+mass reaches top_p) is the single most likely token. `evaluate_splits` runs the same eval on the test file
+(`eval/...`) and, when given, on validation prompts (`val/...`), the split checkpoint selection reads.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.prompts import Prompt, load_prompts
-from services.common.verifiers import Verifier, completion_text
+from services.common.verifiers import Verifier, completion_text, ends_with_own_marker, own_end_ids
 from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest
 
 
@@ -30,6 +37,7 @@ class EvalSettings:
     chat_template: bool = False
     seed: int = 0
     request_size: int = 64  # prompts per generate call
+    end_ids: tuple[int, ...] = ()  # the student's end markers besides its tokenizer's eos (strict scores)
 
 
 def _generate(client: Any, tokenizer: Any, prompts: list[Prompt], s: EvalSettings) -> list[list[list[int]]]:
@@ -59,28 +67,75 @@ def _generate(client: Any, tokenizer: Any, prompts: list[Prompt], s: EvalSetting
     return out
 
 
+def score_samples(
+    tokenizer: Any, samples: list[list[int]], answer: str, verifier: Verifier, end_ids: frozenset[int]
+) -> tuple[list[float], list[bool]]:
+    """(lenient scores, ends with own marker) of one prompt's completions (token ids); the strict score
+    of a sample is its lenient score where it ends with its own marker, else 0."""
+    lenient = [float(verifier(completion_text(tokenizer, ids), answer)) for ids in samples]
+    own = [ends_with_own_marker(tokenizer, ids, end_ids) for ids in samples]
+    return lenient, own
+
+
+def _rates(scores: list[list[float]], prefix: str, suffix: str) -> dict[str, float]:
+    n = len(scores[0])
+    avg = sum(sum(s) / len(s) for s in scores) / len(scores)
+    return {
+        f"{prefix}/pass@1{suffix}": avg,  # greedy: n = 1, so avg is the greedy accuracy
+        f"{prefix}/avg@{n}{suffix}": avg,
+        f"{prefix}/pass@{n}{suffix}": sum(1.0 for s in scores if max(s) > 0) / len(scores),
+    }
+
+
 def evaluate(
-    client: Any, tokenizer: Any, prompts: list[Prompt], verifier: Verifier, settings: EvalSettings
+    client: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    verifier: Verifier,
+    settings: EvalSettings,
+    prefix: str = "eval",
 ) -> dict[str, float]:
-    """`eval/pass@1`, `eval/avg@n`, `eval/pass@n`, `eval/length`, `time/eval` over `prompts`."""
+    """`<prefix>/pass@1` (strict), `/avg@n`, `/pass@n`, the same with `_lenient`, `/ends_own_eos`,
+    `/length`, and `time/<prefix>` over `prompts`."""
     t0 = time.perf_counter()
     completions = _generate(client, tokenizer, prompts, settings)
-    scores: list[list[float]] = []
+    end_ids = own_end_ids(tokenizer, settings.end_ids)
+    strict: list[list[float]] = []
+    lenient: list[list[float]] = []
+    own: list[bool] = []
     lengths: list[int] = []
     for prompt, samples in zip(prompts, completions, strict=True):
         if not samples:
             raise RuntimeError(f"rollout returned no sample for eval prompt row {prompt.row}")
-        scores.append([float(verifier(completion_text(tokenizer, ids), prompt.answer)) for ids in samples])
+        scores, ended = score_samples(tokenizer, samples, prompt.answer, verifier, end_ids)
+        lenient.append(scores)
+        strict.append([s if e else 0.0 for s, e in zip(scores, ended, strict=True)])
+        own.extend(ended)
         lengths.extend(len(ids) for ids in samples)
-    n = len(scores[0])
-    avg = sum(sum(s) / len(s) for s in scores) / len(scores)
     return {
-        "eval/pass@1": avg,  # greedy: n = 1, so avg is the greedy accuracy
-        f"eval/avg@{n}": avg,
-        f"eval/pass@{n}": sum(1.0 for s in scores if max(s) > 0) / len(scores),
-        "eval/length": sum(lengths) / len(lengths),
-        "time/eval": time.perf_counter() - t0,
+        **_rates(strict, prefix, ""),
+        **_rates(lenient, prefix, "_lenient"),
+        f"{prefix}/ends_own_eos": sum(own) / len(own),
+        f"{prefix}/length": sum(lengths) / len(lengths),
+        f"time/{prefix}": time.perf_counter() - t0,
     }
+
+
+def evaluate_splits(
+    client: Any,
+    tokenizer: Any,
+    prompts: list[Prompt],
+    val_prompts: list[Prompt],
+    verifier: Verifier,
+    settings: EvalSettings,
+) -> dict[str, float]:
+    """`evaluate` on the test prompts (`eval/...`) and, when there are any, on the validation prompts
+    (`val/...`). Checkpoint selection reads `val/pass@1` only (experiments/paper.py `select_checkpoint`);
+    the test scores are reported for the selected checkpoint, never used to pick it."""
+    out = evaluate(client, tokenizer, prompts, verifier, settings)
+    if val_prompts:
+        out.update(evaluate(client, tokenizer, val_prompts, verifier, settings, prefix="val"))
+    return out
 
 
 def load_eval_prompts(path: str, tokenizer: Any, max_prompts: int = 0) -> list[Prompt]:

@@ -314,6 +314,7 @@ class RankZero:
     counters: task_streams.TaskCounters = field(default_factory=task_streams.TaskCounters)
     eval_client: RolloutClient | None = None
     eval_prompts: list[Prompt] = field(default_factory=list)
+    val_prompts: list[Prompt] = field(default_factory=list)  # checkpoint selection (trainer/eval.py)
     verifier: Verifier | None = None
     task_evals: dict[str, tuple[list[Prompt], Verifier]] = field(default_factory=dict)  # prompt task -> eval
 
@@ -687,6 +688,8 @@ def _setup_rank_zero(
         from trainer.eval import load_eval_prompts
 
         r0.eval_prompts = load_eval_prompts(cfg.eval_file, tokenizer, cfg.eval_max_prompts)
+        if cfg.val_file:
+            r0.val_prompts = load_eval_prompts(cfg.val_file, tokenizer, cfg.eval_max_prompts)
         r0.verifier = get_verifier(cfg.eval_verifier)
     return r0
 
@@ -711,7 +714,7 @@ def _eval(cfg: TrainerConfig, state: ckpt.TrainState, r0: RankZero, tokenizer: A
         return {}
     if cfg.tasks:
         return task_streams.eval_tasks(cfg, r0.eval_client, r0.task_evals, tokenizer)
-    from trainer.eval import EvalSettings, evaluate
+    from trainer.eval import EvalSettings, evaluate_splits
 
     settings = EvalSettings(
         n=cfg.eval_n,
@@ -723,7 +726,7 @@ def _eval(cfg: TrainerConfig, state: ckpt.TrainState, r0: RankZero, tokenizer: A
         seed=cfg.seed,
     )
     assert r0.eval_client is not None and r0.verifier is not None  # set up with eval_every (_setup_eval)
-    return evaluate(r0.eval_client, tokenizer, r0.eval_prompts, r0.verifier, settings)
+    return evaluate_splits(r0.eval_client, tokenizer, r0.eval_prompts, r0.val_prompts, r0.verifier, settings)
 
 
 @report_config_errors("opd train")

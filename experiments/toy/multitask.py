@@ -542,7 +542,9 @@ def _build(cfg: MultiToyConfig, paths: MultiPaths) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     with training_threads(cfg) as threads:
-        math_train, math_eval = make_splits(cfg.seed, cfg.n_train, cfg.n_eval, cfg.min_digits, cfg.max_digits)
+        math_train, math_eval, _ = make_splits(
+            cfg.seed, cfg.n_train, cfg.n_eval, cfg.min_digits, cfg.max_digits
+        )
         write_jsonl(paths.math_train, math_train)
         write_jsonl(paths.math_eval, math_eval)
         models = {}

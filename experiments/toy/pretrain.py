@@ -98,11 +98,12 @@ def encode_batch(
 
 
 def completion_loss(
-    logits_B_T_V: torch.Tensor, labels_B_T: torch.Tensor
+    logits_B_T_V: torch.Tensor, labels_B_T: torch.Tensor, free_ids: Sequence[int] = ()
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean next-token cross-entropy over labelled tokens, per-sequence exact-match bool (B,)).
 
-    Logit t predicts token t+1, so logits are shifted against the (unshifted) labels.
+    Logit t predicts token t+1, so logits are shifted against the (unshifted) labels. Labels in `free_ids`
+    (the toy's unpredictable fillers) are in the loss but need not be the argmax for an exact match.
     """
     logits_B_S_V = logits_B_T_V[:, :-1].float()
     target_B_S = labels_B_T[:, 1:]
@@ -111,7 +112,10 @@ def completion_loss(
         raise ValueError("batch has no completion tokens to train on")
     loss = F.cross_entropy(logits_B_S_V.transpose(1, 2), target_B_S, ignore_index=IGNORE, reduction="sum")
     loss = loss / mask_B_S.sum()
-    hit_B_S = (logits_B_S_V.argmax(-1) == target_B_S) | ~mask_B_S
+    free_B_S = torch.isin(
+        target_B_S, torch.tensor(list(free_ids), dtype=target_B_S.dtype, device=target_B_S.device)
+    )
+    hit_B_S = (logits_B_S_V.argmax(-1) == target_B_S) | ~mask_B_S | free_B_S
     return loss, hit_B_S.all(dim=1)
 
 
@@ -143,12 +147,14 @@ def train(
     encode: Callable[
         [Sequence[Any], PreTrainedTokenizerFast], tuple[torch.Tensor, torch.Tensor]
     ] = encode_batch,
+    free_ids: Sequence[int] = (),
 ) -> TrainResult:
     """AdamW on the completion loss for up to `steps` steps (cosine schedule planned for `steps`).
 
     Stops early once the EMA of the batch sequence accuracy reaches `target_seq_acc`. The model stays on its device; batches are moved there.
     `encode(examples, tokenizer) -> (input_ids_B_T, labels_B_T)` turns a batch of the stream's items into
-    tensors (default: `Problem`s, `encode_batch`).
+    tensors (default: `Problem`s, `encode_batch`). `free_ids` do not count in the sequence accuracy
+    (`completion_loss`).
     """
     device = next(model.parameters()).device
     opt = make_optimizer(model, lr, weight_decay)
@@ -173,7 +179,7 @@ def train(
             input_ids_B_T, labels_B_T = encode([next(problems) for _ in range(batch_size)], tokenizer)
             # Right padding under a causal mask never reaches a real token: no attention mask needed.
             logits_B_T_V = model(input_ids=input_ids_B_T.to(device)).logits
-            loss, exact_B = completion_loss(logits_B_T_V, labels_B_T.to(device))
+            loss, exact_B = completion_loss(logits_B_T_V, labels_B_T.to(device), free_ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -8,13 +8,19 @@ the trainer's eval (pass@1) look names up in.
 Both judge `completion_text`: the completion up to its first special token, decoded. Rewards are logged and
 stored with the experience (for evaluation and reward-based baselines); the distillation loss does not need
 them.
+
+Lenient and strict scores. `completion_text` cuts at the first special token of either model, so a student
+that ends its answer with the TEACHER's end marker still gets its answer judged, although served alone it
+would run on past that marker (it stops only at its own). The strict score also asks that the completion end
+with the student's own end marker (`ends_with_own_marker`; 0 otherwise): the pass@1 a deployed student would get. Evals
+report the strict score as the headline and the lenient one beside it.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 Verifier = Callable[[str, str], float]
@@ -118,3 +124,24 @@ def completion_text(tokenizer: Any, token_ids: list[int]) -> str:
     special = set(tokenizer.all_special_ids)
     end = next((i for i, t in enumerate(token_ids) if t in special), len(token_ids))
     return tokenizer.decode(token_ids[:end])
+
+
+def own_end_ids(tokenizer: Any, extra: Sequence[int] = ()) -> frozenset[int]:
+    """The student's own end markers: its tokenizer's eos id plus `extra` (configured end ids, e.g. a
+    generation config's further eos ids)."""
+    ids = {int(i) for i in extra}
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    if not ids:
+        raise ValueError("the student tokenizer has no eos token and no end ids were configured")
+    return frozenset(ids)
+
+
+def ends_with_own_marker(tokenizer: Any, token_ids: Sequence[int], end_ids: Collection[int]) -> bool:
+    """True iff the completion's first special token is one of `end_ids` (the student's own end markers):
+    the point where `completion_text` cuts is where the student, served alone, would stop. A completion
+    that first writes another special token (the teacher's end marker, a pad) or none (cut by the length
+    limit) is False."""
+    special = set(tokenizer.all_special_ids) | set(end_ids)
+    first = next((t for t in token_ids if t in special), None)
+    return first is not None and first in end_ids

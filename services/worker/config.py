@@ -86,6 +86,11 @@ class WorkerConfig(ConfigBase):
         [], "special-token aliases [[student, teacher], ...] (docs/aliases.md); flag/env: JSON"
     )
     teacher_tokenizer: str | None = opt(None, "teacher tokenizer, for token_aliases given as strings")
+    allow_vocab_mismatch: bool = opt(
+        False,
+        "start although the student and teacher tokenizer hashes differ beyond the aliased ids "
+        "(services/worker/vocab_check.py; for vocabularies aliased on purpose)",
+    )
 
     def __post_init__(self) -> None:
         if not self.run or ":" in self.run:

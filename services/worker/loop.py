@@ -58,6 +58,7 @@ from services.worker.record import (
 )
 from services.worker.retry import ErrorKind, Stopped, call_with_retry, classify_error, short
 from services.worker.sink import RecordSink
+from services.worker.vocab_check import check_worker_vocabulary
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,6 +131,7 @@ class RolloutWorker:
             )
         if self.aliases is not None:
             self.aliases.check_teacher(info, cfg.top_k if cfg.support == "student_topk" else 0)
+        check_worker_vocabulary(cfg, self.tokenizer, info, self.aliases)
         self.teacher_model_id = info.model_id
         self.sink.ensure_group()
         log.info(

@@ -43,8 +43,11 @@ def test_data_files(prepared):
     _, result = prepared
     train_prompts, train_answers = read_jsonl(result.paths.train)
     eval_prompts, eval_answers = read_jsonl(result.paths.eval)
-    assert len(train_prompts) == 60 and len(eval_prompts) == 12
+    val_prompts, _ = read_jsonl(result.paths.val)
+    assert len(train_prompts) == 60 and len(eval_prompts) == 12 and len(val_prompts) == 200
     assert not set(train_prompts) & set(eval_prompts)
+    assert not set(val_prompts) & (set(train_prompts) | set(eval_prompts))
+    assert result.meta["data"]["n_val"] == 200
     for prompt, answer in zip(train_prompts + eval_prompts, train_answers + eval_answers, strict=True):
         p = parse_prompt(prompt)
         assert answer == str(p.a + p.b)

@@ -14,14 +14,14 @@ from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.redis_server import EmbeddedRedis
-from services.common.verifiers import completion_text
+from services.common.verifiers import completion_text, ends_with_own_marker, own_end_ids
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import state_sha256
 from services.rollout.server import running_server
 from trainer.config import TrainerConfig
-from trainer.eval import EvalSettings, evaluate, load_eval_prompts
+from trainer.eval import EvalSettings, evaluate, evaluate_splits, load_eval_prompts
 from trainer.metrics import read_metrics
 from trainer.train import run
 from trainer.weight_sync import StateDictWeights, WeightSync
@@ -153,7 +153,7 @@ def test_loop_pushes_every_batch_and_evaluates(models, rollout, redis_server, tm
 
 
 @torch.no_grad()
-def _greedy_text(model, prompt: str, max_new: int) -> str:
+def _greedy_ids(model, prompt: str, max_new: int) -> list[int]:
     ids = torch.tensor([TOK(prompt)["input_ids"]])
     out = model.generate(
         ids,
@@ -162,14 +162,17 @@ def _greedy_text(model, prompt: str, max_new: int) -> str:
         eos_token_id=TOK.eos_token_id,
         pad_token_id=TOK.pad_token_id,
     )
-    return completion_text(TOK, out[0, ids.shape[1] :].tolist())
+    return out[0, ids.shape[1] :].tolist()
 
 
 def test_eval_pass_at_1_against_local_greedy(models, rollout, tmp_path):
     _, client = rollout
     model = AutoModelForCausalLM.from_pretrained(models["student_dir"]).eval()
     prompts = ["12+34=", "5+5=", "99+1=", "7+8="]
-    greedy = [_greedy_text(model, p, 6) for p in prompts]
+    greedy_ids = [_greedy_ids(model, p, 6) for p in prompts]
+    greedy = [completion_text(TOK, g) for g in greedy_ids]
+    # strict: right AND ended with the student's own end marker (a random tiny model rarely does in 6 tokens)
+    own = [ends_with_own_marker(TOK, g, own_end_ids(TOK)) for g in greedy_ids]
     # answers: the model's own greedy output for the first three prompts, a wrong one for the last
     rows = [{"prompt": p, "answer": g} for p, g in zip(prompts[:3], greedy[:3], strict=True)]
     rows.append({"prompt": prompts[3], "answer": greedy[3] + "x"})
@@ -181,9 +184,20 @@ def test_eval_pass_at_1_against_local_greedy(models, rollout, tmp_path):
         return float(completion == answer)
 
     m = evaluate(client, TOK, items, same_text, EvalSettings(greedy=True, max_new_tokens=6))
-    assert m["eval/pass@1"] == pytest.approx(0.75) and m["eval/avg@1"] == pytest.approx(0.75)
+    assert m["eval/pass@1_lenient"] == pytest.approx(0.75) and m["eval/avg@1_lenient"] == pytest.approx(0.75)
+    assert m["eval/pass@1"] == pytest.approx(sum(own[:3]) / 4) and m["eval/avg@1"] == m["eval/pass@1"]
+    assert m["eval/ends_own_eos"] == pytest.approx(sum(own) / 4)
+    # validation prompts are scored under val/, the test prompts under eval/, each on its own split
+    both = evaluate_splits(client, TOK, items[2:], items[:2], same_text, EvalSettings(max_new_tokens=6))
+    assert both["val/pass@1_lenient"] == pytest.approx(1.0) and both["eval/pass@1_lenient"] == pytest.approx(
+        0.5
+    )
+    assert (
+        evaluate_splits(client, TOK, items, [], same_text, EvalSettings(max_new_tokens=6)).keys() == m.keys()
+    )
     sampled = evaluate(
         client, TOK, items, same_text, EvalSettings(greedy=False, n=3, max_new_tokens=6, top_p=1.0)
     )
     assert 0.0 <= sampled["eval/avg@3"] <= sampled["eval/pass@3"] <= 1.0
     assert sampled["eval/pass@1"] == sampled["eval/avg@3"]
+    assert sampled["eval/avg@3"] <= sampled["eval/avg@3_lenient"] <= sampled["eval/pass@3_lenient"]

@@ -106,7 +106,8 @@ def test_every_variant_is_a_valid_pipeline_config(base, tmp_path, name):
 def test_ablation_grid_covers_the_paper():
     ab = experiments.EXPERIMENTS["ablations"]
     ks = {v.overrides.get("trainer", {}).get("top_k", 16) for v in ab}
-    assert ks == {1, 4, 16, 64}
+    assert ks == {4, 16, 64}  # K = 1 renormalised is a zero loss: refused, and said so in the table
+    assert "identically 0" in experiments.K_ONE_NOTE
     supports = {v.overrides.get("trainer", {}).get("support", "teacher_topk") for v in ab}
     assert supports == {"teacher_topk", "student_topk", "teacher_topk_plus_sampled"}
     assert any(v.overrides.get("trainer", {}).get("renormalize") is False for v in ab)
@@ -136,7 +137,8 @@ def test_table_aggregates_seeds_from_metrics_files(tmp_path):
             _write_metrics(path, [0.2, 0.9, final], [40.0, 41.0, 50.0 + seed])
             results[label].append(experiments.summarize_run(read_metrics(path.parent)))
     s = results["A"][1]
-    assert s["pass@1_before"] == 0.2 and s["pass@1_final"] == 0.7 and s["pass@1_max"] == 0.9
+    assert s["pass@1_before"] == 0.2 and s["pass@1_final"] == 0.7
+    assert "pass@1_max" not in s and "pass@1_selected" not in s  # no best-of-test; no validation eval here
     assert s["response/length"] == 51.0 and s["batches"] == 21 and s["last_eval_batch"] == 20
     table = experiments.results_table(results)
     lines = table.strip().splitlines()
@@ -149,6 +151,33 @@ def test_table_aggregates_seeds_from_metrics_files(tmp_path):
         assert "| 3 |" in row
     one = experiments.results_table({"C": [{"pass@1_before": 0.1, "pass@1_final": 0.25}]})
     assert "0.250 ± 0.000" in one
+
+
+def test_checkpoint_selection_reads_validation_only(base, tmp_path):
+    # test pass@1 peaks at batch 10, validation at batch 20 (tied again at 30: the earliest wins)
+    test = [0.2, 0.9, 0.5, 0.4]
+    val = [0.1, 0.3, 0.6, 0.6]
+    rows = [
+        {"batch": 10 * i, "eval/pass@1": t, "eval/pass@1_lenient": t + 0.05, "val/pass@1": v}
+        for i, (t, v) in enumerate(zip(test, val, strict=True))
+    ]
+    s = experiments.summarize_run(rows)
+    assert s["pass@1_selected"] == 0.5 and s["selected_batch"] == 20 and s["val_pass@1_selected"] == 0.6
+    assert s["pass@1_lenient_final"] == pytest.approx(0.45)
+    # Any change to the test scores leaves the choice alone; a change to validation moves it.
+    for i in range(len(rows)):
+        shuffled = [dict(r, **{"eval/pass@1": 1.0 if j == i else 0.0}) for j, r in enumerate(rows)]
+        assert experiments.select_checkpoint(shuffled)["batch"] == 20
+    rows[1]["val/pass@1"] = 0.7
+    assert experiments.summarize_run(rows)["pass@1_selected"] == 0.9
+    table = experiments.results_table({"A": [s]})
+    assert "pass@1 of val-selected ckpt" in table and "best" not in table
+    # K = 1 with renormalisation would train on a zero loss: refused with the reason
+    k1 = experiments.Variant("k1", {"trainer": {"top_k": 1}})
+    with pytest.raises(ValueError, match="identically 0"):
+        experiments.build_variant_config(base, k1, run_name="r", runs_dir=tmp_path, seed=0, batches=1)
+    k1_raw = experiments.Variant("k1", {"trainer": {"top_k": 1, "renormalize": False}})
+    experiments.build_variant_config(base, k1_raw, run_name="r", runs_dir=tmp_path, seed=0, batches=1)
 
 
 def test_summarize_needs_an_eval():
@@ -220,7 +249,7 @@ def test_diagnostics_on_tiny_models(tiny_pair, tmp_path):
 
 
 def test_evaluate_model_scores_with_the_verifier(tiny_pair, tmp_path):
-    from services.common.verifiers import completion_text
+    from services.common.verifiers import completion_text, ends_with_own_marker, own_end_ids
 
     model, tok = diagnostics.load_checkpoint_model(str(tiny_pair[0]))
     prompts = [f"{i}+1=" for i in range(3)]
@@ -234,11 +263,35 @@ def test_evaluate_model_scores_with_the_verifier(tiny_pair, tmp_path):
     )
     same = lambda completion, answer: float(completion == answer)  # noqa: E731
     out = diagnostics.evaluate_model(model, tok, str(eval_file), same, n=3, max_new_tokens=6)
-    assert out["pass@1"] == pytest.approx(2 / 3)
+    assert out["pass@1_lenient"] == pytest.approx(2 / 3)
+    # strict: only the accepted greedy completions that stopped at the model's own eos
+    own = [ends_with_own_marker(tok, c[0], own_end_ids(tok)) for c in greedy]
+    assert out["pass@1"] == pytest.approx((own[0] + own[1]) / 3)
     # avg@n: the mean over prompts of the share of the n samples accepted, checked against a count by hand
     _, sampled = diagnostics.sample_completions(model, tok, prompts, n=3, max_new_tokens=6, temperature=1.0)
     assert all(len(cs) == 3 for cs in sampled)
     nonempty = lambda completion, answer: float(len(completion) > 0)  # noqa: E731
-    got = diagnostics.evaluate_model(model, tok, str(eval_file), nonempty, n=3, max_new_tokens=6)["avg@n"]
+    got = diagnostics.evaluate_model(model, tok, str(eval_file), nonempty, n=3, max_new_tokens=6)
     ref = sum(sum(len(completion_text(tok, c)) > 0 for c in cs) / 3 for cs in sampled) / 3
-    assert got == pytest.approx(ref)
+    assert got["avg@n_lenient"] == pytest.approx(ref)
+    ref = sum(
+        sum(len(completion_text(tok, c)) > 0 and ends_with_own_marker(tok, c, own_end_ids(tok)) for c in cs)
+        / 3
+        for cs in sampled
+    )
+    assert got["avg@n"] == pytest.approx(ref / 3)
+
+
+def test_run_report_shows_strict_lenient_and_the_val_selected_eval(tmp_path):
+    from experiments.report import write_report
+
+    rows = [
+        {"batch": 0, "eval/pass@1": 0.1, "eval/pass@1_lenient": 0.3, "val/pass@1": 0.2},
+        {"batch": 5, "eval/pass@1": 0.6, "eval/pass@1_lenient": 0.7, "val/pass@1": 0.5},
+        {"batch": 10, "eval/pass@1": 0.8, "eval/pass@1_lenient": 0.9, "val/pass@1": 0.4},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = write_report(tmp_path).read_text()
+    assert "| before (student at start) | 0.100 | 0.300 |" in text
+    assert "| after (10 batches) | 0.800 | 0.900 |" in text
+    assert "| selected on validation (batch 5, val 0.500) | 0.600 | 0.700 |" in text

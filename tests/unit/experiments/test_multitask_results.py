@@ -33,9 +33,15 @@ def test_summary_has_before_last_best_per_task():
     rows = rows_of([0.1, 0.5, 0.4], [0.0, 0.25, 0.5])
     assert task_eval_keys(rows) == ["task/math/eval/pass@1", "task/rooms/eval/success_rate"]
     s = summarize_tasks(rows)
-    assert s["math pass@1/before"] == 0.1 and s["math pass@1/final"] == 0.4 and s["math pass@1/best"] == 0.5
+    assert s["math pass@1/before"] == 0.1 and s["math pass@1/final"] == 0.4
     assert s["rooms success_rate/before"] == 0.0 and s["rooms success_rate/final"] == 0.5
-    assert s["rooms success_rate/best"] == 0.5 and s["math pass@1/at_batch"] == 4.0 and s["batches"] == 4.0
+    assert s["math pass@1/at_batch"] == 4.0 and s["batches"] == 4.0
+    assert not any(k.endswith(("/best", "/selected")) for k in s)  # no best-of-test, no validation eval
+    # With a validation eval the test value at the best validation eval is reported, chosen on val alone.
+    for row, v in zip([r for r in rows if "task/math/eval/pass@1" in r], [0.2, 0.1, 0.3], strict=True):
+        row["task/math/val/pass@1"] = v
+    assert summarize_tasks(rows)["math pass@1/selected"] == 0.4
+    assert "math pass@1 val-selected" in tasks_table({"LSM": [summarize_tasks(rows)]})
     with pytest.raises(ValueError, match="no task/<name>/eval"):
         summarize_tasks([{"batch": 1, "loss/lsm": 1.0, "eval/pass@1": 0.3}])
 
@@ -50,11 +56,13 @@ def test_table_is_mean_and_std_over_seeds():
     }
     table = tasks_table(results)
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| variant | seeds | math pass@1 before | math pass@1 last | math pass@1 best")
+    assert lines[0].startswith(
+        "| variant | seeds | math pass@1 before | math pass@1 last | rooms success_rate"
+    )
     assert "rooms success_rate last" in lines[0]
     lsm = next(line for line in lines if line.startswith("| LSM |"))
     cells = [c.strip() for c in lsm.strip("|").split("|")]
-    assert cells[1] == "2" and cells[3] == "0.400 ± 0.141" and cells[6] == "0.750 ± 0.354"
+    assert cells[1] == "2" and cells[3] == "0.400 ± 0.141" and cells[5] == "0.750 ± 0.354"
     opd = next(line for line in lines if line.startswith("| sampled-token OPD |"))
     assert "0.200 ± 0.000" in opd
 

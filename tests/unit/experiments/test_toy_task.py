@@ -14,9 +14,11 @@ from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS, tiny_llama_config
 from experiments.toy.prepare import ToyConfig
 from experiments.toy.pretrain import IGNORE, completion_loss, encode_batch
 from experiments.toy.task import (
+    FILLERS,
     Problem,
     build_tokenizer,
     extract_answer,
+    filler_ids,
     generate_and_score,
     make_splits,
     parse_prompt,
@@ -41,22 +43,41 @@ def student_tok():
 # ----------------------------------------------------------------------------------- task format
 
 
+def unfilled(completion: str) -> str:
+    """The completion without its line-start fillers (each column line starts with exactly one)."""
+    *lines, answer = completion.split("\n")
+    assert all(line[0] in FILLERS and not set(line[1:]) & set(FILLERS) for line in lines)
+    return "\n".join([line[1:] for line in lines] + [answer])
+
+
 def test_reference_completion_example():
     p = Problem(123, 989)
     assert p.prompt == "123+989="
     assert p.answer == "1112"
-    assert p.completion == "3+9+0=12\n2+8+1=11\n1+9+1=11\n=1112"
+    assert p.completion == "ǁ3+9+0=12\nſ2+8+1=11\nĺ1+9+1=11\n=1112"  # fillers seeded by the problem
+    assert unfilled(p.completion) == "3+9+0=12\n2+8+1=11\n1+9+1=11\n=1112"
+    assert Problem(123, 989).completion == p.completion
 
 
 def test_reference_completion_pads_shorter_operand_and_keeps_zero_carry_lines():
-    assert reference_completion(1234, 567) == "4+7+0=11\n3+6+1=10\n2+5+1=08\n1+0+0=01\n=1801"
+    assert unfilled(reference_completion(1234, 567)) == "4+7+0=11\n3+6+1=10\n2+5+1=08\n1+0+0=01\n=1801"
+
+
+def test_fillers_spread_over_the_whole_filler_alphabet(teacher_tok):
+    """What makes K matter: the filler after a line break is close to uniform over 240 ids, so a teacher
+    that learns the data spreads its mass there over far more than 64 ids."""
+    _, ev, _ = make_splits(0, 0, 2000)
+    seen = [line[0] for p in ev for line in p.completion.split("\n")[:-1]]
+    counts = {f: seen.count(f) for f in FILLERS}
+    assert min(counts.values()) > 0 and max(counts.values()) < 4 * len(seen) / len(FILLERS)
+    assert len(teacher_tok) == 258 and sorted(filler_ids(teacher_tok)) == list(range(18, 258))
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.integers(0, 10**6), st.integers(0, 10**6))
 def test_chain_of_thought_is_schoolbook_addition(a, b):
     """Every line is one column of long addition, read back independently of how it was written."""
-    *lines, answer_line = reference_completion(a, b).split("\n")
+    *lines, answer_line = unfilled(reference_completion(a, b)).split("\n")
     assert answer_line == f"={a + b}"
     da, db = str(a)[::-1], str(b)[::-1]
     assert len(lines) == max(len(da), len(db))
@@ -89,23 +110,26 @@ def test_negative_operands_rejected():
 
 
 def test_splits_deterministic_distinct_and_disjoint():
-    train, ev = make_splits(seed=0, n_train=3000, n_eval=200)
-    train2, ev2 = make_splits(seed=0, n_train=3000, n_eval=200)
-    assert train == train2 and ev == ev2
-    assert len(train) == 3000 and len(ev) == 200
-    train_prompts, eval_prompts = {p.prompt for p in train}, {p.prompt for p in ev}
-    assert len(train_prompts) == 3000 and len(eval_prompts) == 200
-    assert not train_prompts & eval_prompts
-    other_train, other_ev = make_splits(seed=1, n_train=3000, n_eval=200)
+    train, ev, val = make_splits(seed=0, n_train=3000, n_eval=200, n_val=150)
+    assert (train, ev, val) == make_splits(seed=0, n_train=3000, n_eval=200, n_val=150)
+    assert len(train) == 3000 and len(ev) == 200 and len(val) == 150
+    prompts = [{p.prompt for p in split} for split in (train, ev, val)]
+    assert [len(p) for p in prompts] == [3000, 200, 150]
+    assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
+    other_train, other_ev, _ = make_splits(seed=1, n_train=3000, n_eval=200)
     assert other_ev != ev and other_train != train
+    assert make_splits(0, 10, 5)[2] == []  # no validation split unless asked
 
 
-def test_eval_split_does_not_depend_on_train_size():
+def test_held_out_splits_do_not_depend_on_train_size():
     assert make_splits(0, 100, 50)[1] == make_splits(0, 2000, 50)[1]
+    assert make_splits(0, 100, 50, n_val=20)[1:] == make_splits(0, 2000, 50, n_val=20)[1:]
+    # adding a validation split leaves the test split as it was
+    assert make_splits(0, 100, 50, n_val=20)[1] == make_splits(0, 100, 50)[1]
 
 
 def test_operand_widths_follow_config():
-    train, ev = make_splits(seed=3, n_train=2000, n_eval=100, min_digits=3, max_digits=4)
+    train, ev, _ = make_splits(seed=3, n_train=2000, n_eval=100, min_digits=3, max_digits=4)
     widths = {len(str(x)) for p in train + ev for x in (p.a, p.b)}
     assert widths == {3, 4}
 
@@ -116,7 +140,7 @@ def test_too_many_problems_for_the_space_is_an_error():
 
 
 def test_problem_stream_is_deterministic_and_excludes():
-    _, ev = make_splits(0, 10, 5, min_digits=1, max_digits=1)
+    _, ev, _ = make_splits(0, 10, 5, min_digits=1, max_digits=1)
     banned = {p.prompt for p in ev}
     first = [next(s) for s in [problem_stream(7, 1, 1, exclude=banned)] for _ in range(200)]
     again = [next(s) for s in [problem_stream(7, 1, 1, exclude=banned)] for _ in range(200)]
@@ -129,7 +153,7 @@ def test_problem_stream_is_deterministic_and_excludes():
 
 
 def test_completions_are_at_least_30_tokens(teacher_tok):
-    train, ev = make_splits(0, 500, 100)
+    train, ev, _ = make_splits(0, 500, 100)
     for p in train + ev + [Problem(100, 100)]:  # 100+100 is the shortest possible completion
         ids = teacher_tok(p.completion, add_special_tokens=False)["input_ids"]
         assert len(ids) == len(p.completion) >= 30
@@ -146,7 +170,7 @@ def test_tokenizer_round_trip(teacher_tok, student_tok):
 
 def test_end_markers_single_distinct_special_tokens_in_a_shared_vocab(teacher_tok, student_tok):
     assert teacher_tok.get_vocab() == student_tok.get_vocab()
-    assert len(teacher_tok) < 32  # a minimal alphabet
+    assert len(teacher_tok) == 5 + 13 + 240  # specials, the task alphabet, the fillers
     assert teacher_tok.eos_token == TEACHER_EOS and student_tok.eos_token == STUDENT_EOS
     assert teacher_tok.eos_token_id != student_tok.eos_token_id
     for marker in (TEACHER_EOS, STUDENT_EOS):
@@ -254,6 +278,18 @@ def test_completion_loss_matches_naive_reference():
     assert completion_loss(perfect_B_T_V, labels_B_T)[1].tolist() == [True, False, True]
 
 
+def test_completion_loss_free_ids_do_not_count_in_the_exact_match():
+    labels_B_T = torch.tensor([[IGNORE, 1, 2, 3], [IGNORE, 1, 4, 3]])
+    logits_B_T_V = torch.zeros(2, 4, 5)
+    for b in range(2):
+        for t in range(1, 4):
+            logits_B_T_V[b, t - 1, 3 if labels_B_T[b, t] == 4 else labels_B_T[b, t]] = 5.0  # 4 is missed
+    loss, exact_B = completion_loss(logits_B_T_V, labels_B_T)
+    assert exact_B.tolist() == [True, False]
+    loss_free, exact_free_B = completion_loss(logits_B_T_V, labels_B_T, free_ids=[4])
+    assert exact_free_B.tolist() == [True, True] and loss_free.item() == pytest.approx(loss.item())
+
+
 def test_completion_loss_all_masked_is_an_error():
     with pytest.raises(ValueError):
         completion_loss(torch.zeros(2, 4, 5), torch.full((2, 4), IGNORE))
@@ -335,7 +371,7 @@ def test_generate_and_score_counts_verified_completions(student_tok):
         student_tok,
         [p.prompt for p in problems],
         [p.answer for p in problems],
-        max_new_tokens=45,
+        max_new_tokens=50,
         batch_size=2,
     )
     assert res.completions[0] == p0.completion + STUDENT_EOS
@@ -347,9 +383,10 @@ def test_generate_and_score_counts_verified_completions(student_tok):
         True,
         False,
     ]
-    assert res.accuracy == pytest.approx(3 / 5)
+    assert res.lenient_accuracy == pytest.approx(3 / 5)
+    assert res.accuracy == pytest.approx(1 / 5)  # strict: only p0 is right AND ends with its own marker
     assert res.eos_rate == pytest.approx(2 / 5)
-    lengths = [len(p0.completion) + 1, len(p1.completion) + 1, 45, 45, 45]
+    lengths = [len(p0.completion) + 1, len(p1.completion) + 1, 50, 50, 50]
     assert res.mean_new_tokens == pytest.approx(sum(lengths) / 5)
 
 

@@ -45,7 +45,7 @@ def test_ids_need_no_tokenizer_and_json_text_is_accepted():
         ),
         ([["12", "<|im_end|>"]], "not a single token of the student tokenizer"),
         ([["</s>", ["<|im_end|>", "12"]]], r"teacher: '12' is not a single token"),
-        ([["</s>", 99]], r"id 99 is outside the teacher vocabulary \[0, 18\)"),
+        ([["</s>", 999]], r"id 999 is outside the teacher vocabulary \[0, 258\)"),  # the toy: 258 ids
         ([[3, 4], [5, 4]], "teacher id 4 is already the alias of student id 3"),
         ([[3, 4], [4, 5]], "teacher id 4 is itself an aliased student id"),
         ([[5, [6, 7]], [5, 8]], "multi-token spelling and another alias"),

@@ -53,3 +53,43 @@ def test_toy_arith_is_imported_lazily():
         assert verify(problem.completion, problem.answer) == 1.0
         assert verify(problem.completion, "1113") == 0.0
         assert verify("no answer line", problem.answer) == 0.0
+
+
+def test_strict_needs_the_students_own_end_marker():
+    """A right answer closed with the TEACHER's end marker passes the lenient check (the text is cut
+    there) but not the strict one: the student, served alone, would run on past it."""
+    from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS
+    from experiments.toy.task import build_tokenizer
+    from services.common.verifiers import completion_text, ends_with_own_marker, own_end_ids, toy_arith
+
+    tok = build_tokenizer(STUDENT_EOS)
+    own_id, teacher_id = tok.convert_tokens_to_ids([STUDENT_EOS, TEACHER_EOS])
+    body = tok("=12", add_special_tokens=False)["input_ids"]
+    end_ids = own_end_ids(tok)
+    assert end_ids == {own_id}
+    cases = {
+        "own marker": (body + [own_id], True),
+        "teacher marker, then runs on": (
+            body + [teacher_id] + tok("\n=7", add_special_tokens=False)["input_ids"],
+            False,
+        ),
+        "teacher marker, then own": (body + [teacher_id, own_id], False),
+        "no marker (length cap)": (body, False),
+        "pad first": (body + [tok.pad_token_id, own_id], False),
+    }
+    for name, (ids, strict_ok) in cases.items():
+        assert toy_arith(completion_text(tok, ids), "12") == 1.0, name  # lenient: every case is right
+        assert ends_with_own_marker(tok, ids, end_ids) is strict_ok, name
+    # Configured end ids count as the student's own markers too.
+    assert ends_with_own_marker(tok, body + [teacher_id], own_end_ids(tok, [teacher_id]))
+
+
+def test_own_end_ids_needs_an_end_marker():
+    class NoEos:
+        eos_token_id = None
+
+    from services.common.verifiers import own_end_ids
+
+    with pytest.raises(ValueError, match="no eos token"):
+        own_end_ids(NoEos())
+    assert own_end_ids(NoEos(), [7]) == {7}
