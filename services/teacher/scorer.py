@@ -19,8 +19,6 @@ Backends (each satisfies the `Scorer` protocol):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from services.common.devices import resolve_device
+from services.common.vocab import vocab_sha256
 from services.teacher import memory
 
 if TYPE_CHECKING:
@@ -101,12 +100,6 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
-def tokenizer_sha256(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the vocabulary (token -> id, keys sorted, compact JSON, UTF-8): same ids, same hash."""
-    blob = json.dumps(tokenizer.get_vocab(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -148,7 +141,7 @@ class HFScorer:
         self.info = ModelInfo(
             model_id=model_id or model,
             vocab_size=vocab_size,
-            tokenizer_sha256=tokenizer_sha256(tokenizer),
+            tokenizer_sha256=vocab_sha256(tokenizer),
             special_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
             backend="hf",
             supports_candidates=True,
@@ -438,7 +431,7 @@ class VLLMScorer:
         self.info = ModelInfo(
             model_id=model_id or model,
             vocab_size=int(llm.llm_engine.model_config.get_vocab_size()),
-            tokenizer_sha256=tokenizer_sha256(tokenizer),
+            tokenizer_sha256=vocab_sha256(tokenizer),
             special_token_ids=tuple(sorted(set(tokenizer.all_special_ids))),
             backend="vllm",
             supports_candidates=False,

@@ -7,7 +7,7 @@ silently train the student on the wrong tokens. Nothing downstream can see it: t
 Both sides are reduced to one tokenizer hash:
 
     vocab_sha256    sha256 of the vocabulary (token string -> id, keys sorted, compact JSON, UTF-8): the
-                    definition the teacher reports in GetInfo.tokenizer_sha256 (services/teacher/scorer.py)
+                    definition the teacher reports in GetInfo.tokenizer_sha256 (services/common/vocab.py)
     tokenizer_hash  sha256 of "<vocab_sha256>:<sorted special ids>": the vocabulary plus the special tokens;
                     for the teacher from GetInfo (tokenizer_sha256, special_token_ids)
 
@@ -24,22 +24,16 @@ Equal hashes pass. Different hashes stop the worker with both hashes in the mess
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterable
 from typing import Any
 
 from services.common.config import ConfigError
+from services.common.vocab import vocab_sha256
 
 log = logging.getLogger(__name__)
 
 OVERRIDE = "worker.allow_vocab_mismatch = true (OPD_WORKER_ALLOW_VOCAB_MISMATCH=1)"
-
-
-def vocab_sha256(tokenizer: Any) -> str:
-    """sha256 of the vocabulary (token -> id, keys sorted, compact JSON, UTF-8), as the teacher reports it."""
-    blob = json.dumps(tokenizer.get_vocab(), sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def tokenizer_hash(vocab_sha: str, special_ids: Iterable[int]) -> str:

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
-from services.teacher.scorer import HFScorer, ScoreItem, tokenizer_sha256
+from services.common.vocab import vocab_sha256
+from services.teacher.scorer import HFScorer, ScoreItem
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +126,10 @@ def test_top_k_equal_to_vocab_is_the_whole_distribution(scorer):
 def test_info_describes_model_and_tokenizer(scorer, model_dir):
     tok = build_char_tokenizer()
     assert scorer.info.vocab_size == len(tok)
-    assert scorer.info.tokenizer_sha256 == tokenizer_sha256(tok)
+    assert scorer.info.tokenizer_sha256 == vocab_sha256(tok)
     assert set(scorer.info.special_token_ids) == set(tok.all_special_ids)
     assert (
         scorer.info.backend == "hf" and scorer.info.supports_candidates and scorer.info.supports_temperature
     )
     other = build_char_tokenizer(alphabet="abc")
-    assert tokenizer_sha256(other) != tokenizer_sha256(tok)
+    assert vocab_sha256(other) != vocab_sha256(tok)
