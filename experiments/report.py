@@ -164,6 +164,13 @@ def write_report(run_dir: Path) -> Path:
                 f"| {cells(selected)} |"
             )
         lines.append("")
+    elif task_evals := _task_evals(rows):
+        lines += ["| task eval | before | after | change |", "|---|---|---|---|"]
+        for key, (before_t, after_t) in task_evals.items():
+            lines.append(f"| {key} | {before_t:.3f} | {after_t:.3f} | {after_t - before_t:+.3f} |")
+        lines.append("")
+    else:
+        lines += ["No evaluation ran (set trainer.eval_every).", ""]
     last = rows[-1] if rows else {}
     keys = [
         "loss/lsm",
