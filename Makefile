@@ -53,6 +53,10 @@ bench: $(STAMP)
 	$(PY) bench/rollout.py
 	$(PY) bench/trainer_step.py
 	$(PY) bench/trainer_scale.py
+	$(PY) bench/weights.py
+	$(PY) bench/rollout_swap.py
+	$(PY) bench/long_rollout.py
+	$(PY) bench/worker_throughput.py
 	$(PY) bench/soak.py
 
 demo: $(STAMP)

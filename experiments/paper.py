@@ -306,10 +306,11 @@ def run_experiment(
     if not variants:
         raise ValueError(f"--only {list(only)} matches none of {[v.slug for v in EXPERIMENTS[name]]}")
     vocab_size = _vocab_size(base.get("teacher", {}).get("model", ""))
-    # Build (and so check) every config before the first, long, run.
+    # Build (and so check) every config before the first, long, run. Seed-major: every variant runs
+    # once before any runs twice, so an experiment cut off midway still has a row for each variant.
     plan = []
-    for variant in variants:
-        for seed in seeds:
+    for seed in seeds:
+        for variant in variants:
             run_name = f"{name}-{variant.slug}-s{seed}"
             cfg = build_variant_config(
                 base,

@@ -12,6 +12,7 @@ cover the file.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,12 +109,21 @@ def load_prompts(
     ]
 
 
-def cycle_prompts(prompts: list[Prompt], epochs: int = 0) -> Iterator[Prompt]:
-    """Yield the shard `epochs` times (0 = forever), each prompt tagged with its epoch."""
+def cycle_prompts(
+    prompts: list[Prompt], epochs: int = 0, shuffle_seed: str | None = None
+) -> Iterator[Prompt]:
+    """Yield the shard `epochs` times (0 = forever), each prompt tagged with its epoch.
+
+    With `shuffle_seed`, every epoch visits the shard in its own order, a permutation drawn from
+    (`shuffle_seed`, epoch): the same seed gives the same order, another seed another order.
+    """
     if not prompts:
         return
     epoch = 0
     while epochs == 0 or epoch < epochs:
-        for p in prompts:
+        order = list(prompts)
+        if shuffle_seed is not None:
+            random.Random(f"{shuffle_seed}:{epoch}").shuffle(order)
+        for p in order:
             yield replace(p, epoch=epoch)
         epoch += 1

@@ -59,6 +59,9 @@ class WorkerConfig(ConfigBase):
         None, "reward function: exact_match, toy_arith (needs `tokenizer`); None = none"
     )
     seed: int = opt(0, "base of the per-prompt sampling seeds (a function of seed, row and epoch)")
+    shuffle_prompts: bool = opt(
+        True, "visit the shard in a new order every epoch, drawn from (seed, worker_index, epoch)"
+    )
     metrics_port: int = opt(0, "Prometheus metrics port (0 = off)")
     task: str = opt("", "task tag stored in every record; records go to opd:<run>:experience:<task> then")
     env: str = opt("", "environment task: multi-turn episodes instead of prompts (services/worker/envs)")

@@ -176,6 +176,10 @@ class RolloutWorker:
         if self.teacher_model_id is None:
             self.teacher_model_id = self._retry(self.teacher.info, "teacher_info").model_id
 
+    def _shuffle_seed(self) -> str | None:
+        """The seed of this worker's per-epoch prompt order (None: file order)."""
+        return f"{self.cfg.seed}:{self.cfg.worker_index}" if self.cfg.shuffle_prompts else None
+
     def _group_seed(self, prompt: Prompt) -> int:
         return request_seed(self.cfg.seed, prompt.row, prompt.epoch)
 
@@ -473,7 +477,7 @@ class RolloutWorker:
                 cfg.worker_index,
                 cfg.num_workers,
             )
-            prompts = cycle_prompts([Prompt(row=r, text="") for r in seeds], cfg.epochs)
+            prompts = cycle_prompts([Prompt(row=r, text="") for r in seeds], cfg.epochs, self._shuffle_seed())
         if prompts is None:
             shard = load_prompts(cfg.prompts, cfg.worker_index, cfg.num_workers, self.tokenizer)
             log.info(
@@ -483,7 +487,7 @@ class RolloutWorker:
                 log.warning(
                     "shard %d/%d is empty: more workers than prompts", cfg.worker_index, cfg.num_workers
                 )
-            prompts = cycle_prompts(shard, cfg.epochs)
+            prompts = cycle_prompts(shard, cfg.epochs, self._shuffle_seed())
         metrics_server = None
         if cfg.metrics_port:
             metrics_server, _ = start_http_server(cfg.metrics_port, registry=self.metrics.registry)

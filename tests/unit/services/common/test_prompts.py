@@ -67,6 +67,21 @@ def test_cycle_epochs(tmp_path):
     assert list(cycle_prompts([], epochs=0)) == []
 
 
+def test_cycle_shuffled_per_seed_and_epoch():
+    shard = [Prompt(row=r, text=str(r)) for r in range(50)]
+
+    def rows(seed, epochs=3):
+        got = list(cycle_prompts(shard, epochs=epochs, shuffle_seed=seed))
+        return [[p.row for p in got if p.epoch == e] for e in range(epochs)]
+
+    a = rows("0:0")
+    # Every epoch is a permutation of the whole shard, in its own order, reproducible from the seed.
+    assert all(sorted(epoch) == list(range(50)) for epoch in a)
+    assert a[0] != list(range(50)) and a[0] != a[1] != a[2]
+    assert rows("0:0") == a
+    assert rows("1:0")[0] != a[0]
+
+
 def chat_tokenizer():
     tok = build_char_tokenizer()
     tok.chat_template = (
