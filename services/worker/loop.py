@@ -44,7 +44,7 @@ from prometheus_client import start_http_server
 from services.common.config import ConfigError
 from services.common.experience import ExperienceRecord
 from services.common.prompts import Prompt, cycle_prompts, load_prompts
-from services.common.verifiers import completion_text, get_verifier
+from services.common.verifiers import completion_text, ends_with_own_marker, get_verifier, own_end_ids
 from services.rollout.client import RolloutClient
 from services.rollout.protocol import GenerateRequest, GenerateResponse, Sample
 from services.worker.aliasing import WorkerAliases
@@ -223,10 +223,16 @@ class RolloutWorker:
         samples = scorable(response)
         rewards = None
         if self.verifier is not None:
-            texts = [completion_text(self.tokenizer, s.token_ids) for s in samples]
-            rewards = [float(self.verifier(t, prompt.answer)) for t in texts]
-            for r in rewards:
-                self.metrics.reward.observe(r)
+            # Strict, like the trainer's pass@1: a right answer earns its reward only when the sample ends
+            # with the student's own end marker (services/common/verifiers.py); lenient in the metrics.
+            end_ids = own_end_ids(self.tokenizer)
+            rewards = []
+            for s in samples:
+                lenient = float(self.verifier(completion_text(self.tokenizer, s.token_ids), prompt.answer))
+                strict = lenient if ends_with_own_marker(self.tokenizer, s.token_ids, end_ids) else 0.0
+                self.metrics.reward.observe(strict)
+                self.metrics.reward_lenient.observe(lenient)
+                rewards.append(strict)
         assert self.teacher_model_id is not None  # set by prepare or _ensure_teacher_model_id
         return build_record(
             record_id,

@@ -38,4 +38,15 @@ class WorkerMetrics:
         self.tokens_in_flight = Gauge(
             "opd_worker_tokens_in_flight", "prompt + max_new_tokens of the samples in flight", registry=r
         )
-        self.reward = Histogram("opd_worker_reward", "verifier rewards", buckets=(0.0, 0.5, 1.0), registry=r)
+        self.reward = Histogram(
+            "opd_worker_reward",
+            "verifier rewards, strict (0 unless the sample ends with the student's own end marker)",
+            buckets=(0.0, 0.5, 1.0),
+            registry=r,
+        )
+        self.reward_lenient = Histogram(
+            "opd_worker_reward_lenient",
+            "verifier rewards of the answer cut at either model's end marker",
+            buckets=(0.0, 0.5, 1.0),
+            registry=r,
+        )

@@ -67,6 +67,7 @@ teacher = ["{stack.handles["rooms_teacher"].address}"]
 eval_episodes = 2
 [tasks.rooms.worker]
 max_new_tokens = 5
+shuffle_prompts = false  # env seeds in order: 0, 1, 2, ...
 """
     )
     return str(path)

@@ -21,10 +21,10 @@ from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode
-from services.common.prompts import Prompt
+from services.common.prompts import Prompt, cycle_prompts
 from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, experience_stream
 from services.common.redis_server import free_port
-from services.common.verifiers import completion_text, exact_match
+from services.common.verifiers import completion_text, ends_with_own_marker, exact_match, own_end_ids
 from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
@@ -93,7 +93,9 @@ def test_records_are_what_was_generated_and_scored(stack):
     records = read_records(stack, "exact", "arith")  # a task's records go to the task's own stream
     assert len(records) == 4
     assert len({r.record_id for r in records}) == 4
-    assert {r.prompt_text for r in records} == {p for p, _ in PROMPTS[:4]}  # the first 4 rows, once each
+    # The first 4 prompts of the worker's shuffled order (seed 11, worker 0, epoch 0), once each.
+    shuffled = cycle_prompts([Prompt(row=i, text=p) for i, (p, _) in enumerate(PROMPTS)], 1, "11:0")
+    assert {r.prompt_text for r in records} == {p.text for p in list(shuffled)[:4]}
     tok, rollout, teacher = stack.tok, stack.rollout, stack.teacher_client
     rows = {p: i for i, (p, _) in enumerate(PROMPTS)}
     checked_models = False
@@ -127,7 +129,9 @@ def test_records_are_what_was_generated_and_scored(stack):
             np.testing.assert_allclose(s.behaviour_logprobs, ref.logprobs, atol=1e-5)
             assert s.finish_reason == ref.finish_reason
             assert s.teacher_model_id == teacher.model_id
-            assert s.reward == exact_match(completion_text(tok, ref.token_ids), rec.answer)
+            # Strict reward: right AND ended with the student's own end marker.
+            right = exact_match(completion_text(tok, ref.token_ids), rec.answer)
+            assert s.reward == (right if ends_with_own_marker(tok, ref.token_ids, own_end_ids(tok)) else 0.0)
             # The teacher, asked again for this sequence, returns the stored arrays.
             (scored,) = teacher.score(
                 [rec.prompt_ids.tolist() + s.completion_ids.tolist()],
@@ -424,6 +428,7 @@ def test_a_finished_sample_is_scored_before_its_groups_slowest_finishes(stack):
         top_k=3,
         max_records=1,
         seed=seed,
+        shuffle_prompts=False,  # row 0 first: the row whose last sample is slow
     )
     assert worker.run()["records"] == 1
     (rec,) = read_records(stack, "early")

@@ -291,3 +291,40 @@ def test_cli_help_and_bad_config(capsys):
     assert "--max-backlog" in capsys.readouterr().out
     assert main(["--prompts", "p.jsonl", "--group-size", "0"]) == 2
     assert "group_size: 0 < 1" in capsys.readouterr().err
+
+
+def test_worker_rewards_are_strict_and_metrics_keep_the_lenient_score(tmp_path):
+    tok = build_char_tokenizer()
+    tok.save_pretrained(tmp_path / "tok")
+    worker = make_worker(tokenizer=str(tmp_path / "tok"), verifier="toy_arith")
+    worker.teacher_model_id = "teacher-m"
+
+    def ids(text: str, end: str | None) -> list[int]:
+        body = tok(text, add_special_tokens=False)["input_ids"]
+        return body + ([tok.convert_tokens_to_ids(end)] if end else [])
+
+    # Right and ended by the student's own marker; right but ended by the teacher's marker (served alone
+    # the student would run on); right but cut by the length limit; wrong with the own marker.
+    completions = [
+        ids("=15", STUDENT_EOS),
+        ids("=15", TEACHER_EOS),
+        ids("=15", None),
+        ids("=14", STUDENT_EOS),
+    ]
+    samples = [
+        Sample(
+            prompt_index=0,
+            token_ids=c,
+            logprobs=[-0.5] * len(c),
+            finish_reason="stop",
+            first_token_version=0,
+            last_token_version=0,
+        )
+        for c in completions
+    ]
+    response = GenerateResponse(policy_version=0, prompt_ids=[[1, 7, 8, 9]], samples=samples)
+    rng = np.random.default_rng(0)
+    rec = worker._assemble("w0-ab-1", PROMPT, response, make_scores(rng, samples), None)
+    assert [s.reward for s in rec.samples] == [1.0, 0.0, 0.0, 0.0]
+    assert worker.metrics.reward._sum.get() == 1.0
+    assert worker.metrics.reward_lenient._sum.get() == 3.0
