@@ -57,7 +57,7 @@ from experiments.toy.cache import (
 from services.common.config import ConfigError, opt
 from services.worker.envs.rooms import EXPERT_MAX_STEPS
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: math without the single-task toy's fillers (v1 trained on unknown tokens)
 ALPHABET = "0123456789+=\n abcdefghijklmnopqrstuvwxyz.,:>"
 EVAL_SEED_BASE = 1_000_000
 PROBE_SEED_BASE = 2_000_000
@@ -207,7 +207,15 @@ Segments = list[tuple[str, bool]]
 
 
 def math_segments(problem: Any, eos: str) -> Segments:
-    return [(problem.prompt, False), (problem.completion, True), (eos, True)]
+    """The addition task without the single-task toy's line fillers: this toy's vocabulary has none (a
+    filler would be an unknown token), and its math needs no wide vocabulary (the K ablation is not run here)."""
+    from experiments.toy.task import reference_completion
+
+    return [
+        (problem.prompt, False),
+        (reference_completion(problem.a, problem.b, fillers=False), True),
+        (eos, True),
+    ]
 
 
 def agent_segments(

@@ -66,18 +66,19 @@ class Problem:
         return reference_completion(self.a, self.b)
 
 
-def reference_completion(a: int, b: int) -> str:
-    """The chain of thought (each column line after its filler) and the answer line, deterministic in (a, b)."""
+def reference_completion(a: int, b: int, fillers: bool = True) -> str:
+    """The chain of thought (each column line after its filler) and the answer line, deterministic in (a, b).
+    `fillers=False`: the lines without their filler (the two-task toy, whose vocabulary has none)."""
     if a < 0 or b < 0:
         raise ValueError(f"operands must be non-negative, got {a} and {b}")
     da, db = str(a)[::-1], str(b)[::-1]
-    fillers = random.Random(f"toy-filler-{a}+{b}")  # seeded by the problem: same text every time
+    draw = random.Random(f"toy-filler-{a}+{b}")  # seeded by the problem: same text every time
     lines, carry = [], 0
     for i in range(max(len(da), len(db))):
         x = int(da[i]) if i < len(da) else 0
         y = int(db[i]) if i < len(db) else 0
         total = x + y + carry
-        lines.append(f"{fillers.choice(FILLERS)}{x}+{y}+{carry}={total:02d}")
+        lines.append(f"{draw.choice(FILLERS) if fillers else ''}{x}+{y}+{carry}={total:02d}")
         carry = total // 10
     lines.append(f"={a + b}")
     return "\n".join(lines)
