@@ -124,7 +124,7 @@ def evaluate_model(
 
     `verifier` is a rollout verifier's name or a (completion, answer) -> score function. Texts are judged
     like the rollout worker judges them (up to the first special token)."""
-    from services.common.verifiers import completion_text, ends_with_own_marker, get_verifier, own_end_ids
+    from services.common.verifiers import get_verifier, own_end_ids, score_samples
 
     rows = [json.loads(line) for line in Path(eval_file).read_text().splitlines() if line.strip()]
     rows = rows[:max_prompts] if max_prompts else rows
@@ -138,8 +138,7 @@ def evaluate_model(
         )
         lenient, strict = [], []
         for cs, a in zip(comps, answers, strict=True):
-            scores = [float(check(completion_text(tokenizer, c), a)) for c in cs]
-            own = [ends_with_own_marker(tokenizer, c, end_ids) for c in cs]
+            scores, own = score_samples(tokenizer, cs, a, check, end_ids)
             lenient.append(sum(scores) / len(cs))
             strict.append(sum(v for v, e in zip(scores, own, strict=True) if e) / len(cs))
         out[key] = sum(strict) / len(strict)

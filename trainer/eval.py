@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.common.prompts import Prompt, load_prompts
-from services.common.verifiers import Verifier, completion_text, ends_with_own_marker, own_end_ids
+from services.common.verifiers import Verifier, own_end_ids, score_samples
 from services.rollout.protocol import GREEDY_TOP_P, GenerateRequest
 
 
@@ -65,16 +65,6 @@ def _generate(client: Any, tokenizer: Any, prompts: list[Prompt], s: EvalSetting
             per_prompt[sample.prompt_index].append(sample.token_ids)
         out.extend(per_prompt)
     return out
-
-
-def score_samples(
-    tokenizer: Any, samples: list[list[int]], answer: str, verifier: Verifier, end_ids: frozenset[int]
-) -> tuple[list[float], list[bool]]:
-    """(lenient scores, ends with own marker) of one prompt's completions (token ids); the strict score
-    of a sample is its lenient score where it ends with its own marker, else 0."""
-    lenient = [float(verifier(completion_text(tokenizer, ids), answer)) for ids in samples]
-    own = [ends_with_own_marker(tokenizer, ids, end_ids) for ids in samples]
-    return lenient, own
 
 
 def _rates(scores: list[list[float]], prefix: str, suffix: str) -> dict[str, float]:

@@ -118,7 +118,7 @@ def get_verifier(name: str | None) -> Verifier | None:
     return _VERIFIERS[name]()
 
 
-def completion_text(tokenizer: Any, token_ids: list[int]) -> str:
+def completion_text(tokenizer: Any, token_ids: Sequence[int]) -> str:
     """The text a verifier judges: the completion up to its first special token (an end marker of either
     model, a pad), decoded. Cutting there, not skipping specials, keeps text after a foreign end marker out."""
     special = set(tokenizer.all_special_ids)
@@ -145,3 +145,17 @@ def ends_with_own_marker(tokenizer: Any, token_ids: Sequence[int], end_ids: Coll
     special = set(tokenizer.all_special_ids) | set(end_ids)
     first = next((t for t in token_ids if t in special), None)
     return first is not None and first in end_ids
+
+
+def score_samples(
+    tokenizer: Any,
+    samples: Sequence[Sequence[int]],
+    answer: str,
+    verifier: Verifier,
+    end_ids: Collection[int],
+) -> tuple[list[float], list[bool]]:
+    """(lenient scores, ends with own marker) of one prompt's completions (token ids); the strict score
+    of a sample is its lenient score where it ends with its own marker, else 0."""
+    lenient = [float(verifier(completion_text(tokenizer, ids), answer)) for ids in samples]
+    own = [ends_with_own_marker(tokenizer, ids, end_ids) for ids in samples]
+    return lenient, own

@@ -44,7 +44,7 @@ from prometheus_client import start_http_server
 from services.common.config import ConfigError
 from services.common.experience import ExperienceRecord
 from services.common.prompts import Prompt, cycle_prompts, load_prompts
-from services.common.verifiers import completion_text, ends_with_own_marker, get_verifier, own_end_ids
+from services.common.verifiers import get_verifier, own_end_ids, score_samples
 from services.rollout.client import RolloutClient
 from services.rollout.protocol import GenerateRequest, GenerateResponse, Sample
 from services.worker.aliasing import WorkerAliases
@@ -85,6 +85,8 @@ class RolloutWorker:
 
             self.tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
         self.verifier = get_verifier(cfg.verifier)
+        # The student's own end markers, for strict rewards (a verifier needs the tokenizer: WorkerConfig).
+        self.end_ids = own_end_ids(self.tokenizer) if self.verifier is not None else frozenset()
         # The nonce makes record ids unique across restarts of the same worker index.
         self.worker_id = f"w{cfg.worker_index}-{secrets.token_hex(4)}"
         self.make_env = None
@@ -225,14 +227,13 @@ class RolloutWorker:
         if self.verifier is not None:
             # Strict, like the trainer's pass@1: a right answer earns its reward only when the sample ends
             # with the student's own end marker (services/common/verifiers.py); lenient in the metrics.
-            end_ids = own_end_ids(self.tokenizer)
-            rewards = []
-            for s in samples:
-                lenient = float(self.verifier(completion_text(self.tokenizer, s.token_ids), prompt.answer))
-                strict = lenient if ends_with_own_marker(self.tokenizer, s.token_ids, end_ids) else 0.0
-                self.metrics.reward.observe(strict)
-                self.metrics.reward_lenient.observe(lenient)
-                rewards.append(strict)
+            lenient, own = score_samples(
+                self.tokenizer, [s.token_ids for s in samples], prompt.answer, self.verifier, self.end_ids
+            )
+            rewards = [score if ended else 0.0 for score, ended in zip(lenient, own, strict=True)]
+            for strict_reward, lenient_reward in zip(rewards, lenient, strict=True):
+                self.metrics.reward.observe(strict_reward)
+                self.metrics.reward_lenient.observe(lenient_reward)
         assert self.teacher_model_id is not None  # set by prepare or _ensure_teacher_model_id
         return build_record(
             record_id,

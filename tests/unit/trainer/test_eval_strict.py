@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS
 from experiments.toy.task import build_tokenizer
-from services.common.verifiers import own_end_ids, toy_arith
-from trainer.eval import _rates, score_samples
+from services.common.verifiers import own_end_ids, score_samples, toy_arith
+from trainer.eval import _rates
 
 TOK = build_tokenizer(STUDENT_EOS)
 OWN, FOREIGN = TOK.convert_tokens_to_ids([STUDENT_EOS, TEACHER_EOS])
