@@ -1,7 +1,7 @@
 """`opd experiment NAME`: the paper's experiments, reproduced small on the toy task.
 
     opd experiment table      [--seeds 0,1,2] [--batches N] [--eval-every N] [--avg-n 4] [--only SLUGS]
-                              [--out runs/experiments] [--base configs/demo.toml]
+                              [--out runs/experiments] [--base configs/demo.toml] [--resume]
     opd experiment ablations  (same options)
     opd experiment multitask  (same options; base configs/multitask_toy.toml)   Table 2, two tasks
     opd experiment gamma-toy  [...]                      appendix C toy, experiments/gamma_toy.py
@@ -16,6 +16,9 @@ test pass@1 of the checkpoint selected on the validation split (`select_checkpoi
 pass@1 and avg@n (n samples per prompt at trainer.eval_temperature and eval_top_p). Outputs, under
 `<out>/<name>/`: `configs/`, `runs/<run>/` (each pipeline run), `results.json`, `table.md` (mean +- std
 over seeds, like Table 1) and `curves.png` (one panel per metric, one line per variant: Figures 6-8).
+Each finished run also keeps its row in `runs/<run>/summary.json`; with `--resume` a run whose directory holds
+the same config and a finished pipeline (report.md, written only on success, and the last batch reached) is
+not run again, so an interrupted experiment, or one widened to more seeds, runs only what is missing.
 `multitask` runs the same way on the two-task toy (math + rooms); its table and curves are per task:
 pass@1 of the prompt task and success rate of the environment task (experiments/multitask_results.py).
 """
@@ -293,6 +296,7 @@ def run_experiment(
     avg_n: int,
     eval_every: int = 0,
     only: Sequence[str] = (),
+    resume: bool = False,
 ) -> dict[str, list[dict[str, float]]]:
     from experiments.multitask_results import summarize_tasks
     from trainer.metrics import read_metrics
@@ -329,24 +333,66 @@ def run_experiment(
     results: dict[str, list[dict[str, float]]] = {v.label: [] for v in variants}
     curves: dict[str, list[list[dict[str, Any]]]] = {v.label: [] for v in variants}
     for i, (variant, seed, run_name, cfg, path) in enumerate(plan):
-        log.info("[%d/%d] %s (seed %d)", i + 1, len(plan), variant.label, seed)
-        t0 = time.perf_counter()
-        # Each run is `opd up` as a user runs it (the launcher sits above the experiments, not below).
-        rc = subprocess.call([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)])
-        if rc != 0:
-            raise RuntimeError(f"run {run_name} failed (exit {rc}); see {runs_dir / run_name / 'logs'}")
-        rows = read_metrics(runs_dir / run_name)
-        summary = summarize_tasks(rows) if name == "multitask" else summarize_run(rows)
-        summary["seed"], summary["wall_s"] = float(seed), time.perf_counter() - t0
-        if avg_n > 0 and name != "multitask":  # the post-hoc eval reads one eval_file; tasks eval in-run
-            post = posthoc_eval(runs_dir / run_name, cfg, avg_n)
-            for key in ("pass@1", "pass@1_lenient", "avg@n", "avg@n_lenient"):
-                summary[f"posthoc/{key}"] = post[key]
+        run_dir = runs_dir / run_name
+        reuse = resume and finished_run(run_dir, path, int(cfg["trainer"].get("max_batches", 0)))
+        log.info(
+            "[%d/%d] %s (seed %d)%s",
+            i + 1,
+            len(plan),
+            variant.label,
+            seed,
+            " finished, kept" if reuse else "",
+        )
+        summary = cached_summary(run_dir, avg_n) if reuse else None
+        if summary is None:
+            t0 = time.perf_counter()
+            if not reuse:
+                # Each run is `opd up` as a user runs it (the launcher sits above the experiments, not below).
+                rc = subprocess.call([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)])
+                if rc != 0:
+                    raise RuntimeError(f"run {run_name} failed (exit {rc}); see {run_dir / 'logs'}")
+            rows = read_metrics(run_dir)
+            summary = summarize_tasks(rows) if name == "multitask" else summarize_run(rows)
+            summary["seed"] = float(seed)
+            if avg_n > 0 and name != "multitask":  # the post-hoc eval reads one eval_file; tasks eval in-run
+                post = posthoc_eval(run_dir, cfg, avg_n)
+                for key in ("pass@1", "pass@1_lenient", "avg@n", "avg@n_lenient"):
+                    summary[f"posthoc/{key}"] = post[key]
+            if not reuse:  # a kept run's time is not known (its summary.json predates this cache)
+                summary["wall_s"] = time.perf_counter() - t0
+            (run_dir / "summary.json").write_text(json.dumps({"avg_n": avg_n, "summary": summary}, indent=2))
+        else:
+            rows = read_metrics(run_dir)
         results[variant.label].append(summary)
         curves[variant.label].append(rows)
         # Written after every run, so a long experiment interrupted midway still leaves its partial table.
         _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n)
     return results
+
+
+def finished_run(run_dir: Path, config_path: Path, max_batches: int) -> bool:
+    """Whether `run_dir` holds a finished pipeline run of exactly the config at `config_path`: the same
+    config text, report.md (the launcher writes it only after the trainer finished) and, with a batch
+    budget, a metrics row at that batch."""
+    from trainer.metrics import read_metrics
+
+    copied = run_dir / "config.toml"
+    if not copied.is_file() or copied.read_text() != config_path.read_text():
+        return False
+    if not (run_dir / "report.md").is_file() or not (run_dir / "metrics.jsonl").is_file():
+        return False
+    return (
+        max_batches <= 0 or max((r.get("batch", 0) for r in read_metrics(run_dir)), default=0) >= max_batches
+    )
+
+
+def cached_summary(run_dir: Path, avg_n: int) -> dict[str, float] | None:
+    """The run's table row from its summary.json when computed with the same post-hoc avg@n (else None)."""
+    path = run_dir / "summary.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    return dict(saved["summary"]) if saved.get("avg_n") == avg_n else None
 
 
 def _vocab_size(model: str) -> int:
@@ -423,6 +469,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--avg-n", type=int, default=4, help="samples per prompt of the post-hoc avg@n (0 = off)"
     )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep runs that already finished with the same config (an interrupted or widened experiment)",
+    )
     args = parser.parse_args(rest)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not seeds:
@@ -430,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     results = run_experiment(
-        name, Path(args.base), seeds, args.batches, out, args.avg_n, args.eval_every, only
+        name, Path(args.base), seeds, args.batches, out, args.avg_n, args.eval_every, only, args.resume
     )
     print(f"\nopd experiment {name}: {out / name / 'table.md'}, {out / name / 'curves.png'}\n")
     if name == "multitask":

@@ -153,6 +153,68 @@ def test_table_aggregates_seeds_from_metrics_files(tmp_path):
     assert "0.250 ± 0.000" in one
 
 
+def test_resume_keeps_finished_runs_and_runs_the_rest(base, tmp_path, monkeypatch):
+    base_path = tmp_path / "base.toml"
+    base_path.write_text(tomli_w.dumps(base))
+    runs = tmp_path / "out" / "table" / "runs"
+    variant = experiments.EXPERIMENTS["table"][0]
+    names = [f"table-{variant.slug}-s{seed}" for seed in range(4)]
+
+    def finish(run_dir: Path, final: float, config_text: str) -> None:  # what a finished `opd up` leaves
+        _write_metrics(run_dir / "metrics.jsonl", [0.2, 0.5, final], [40.0, 41.0, 42.0])
+        (run_dir / "config.toml").write_text(config_text)
+        (run_dir / "report.md").write_text("# report\n")
+
+    def config_text(seed: int) -> str:
+        cfg = experiments.build_variant_config(
+            base, variant, run_name=names[seed], runs_dir=runs, seed=seed, batches=20
+        )
+        return tomli_w.dumps(cfg)
+
+    finish(runs / names[0], 0.6, config_text(0))  # finished: kept
+    finish(runs / names[1], 0.7, config_text(1))  # interrupted: no report.md
+    (runs / names[1] / "report.md").unlink()
+    finish(runs / names[2], 0.8, config_text(2).replace("seed = 2", "seed = 9"))  # another config
+    launched = []
+
+    def fake_up(argv: list[str]) -> int:
+        path = Path(argv[-1])
+        launched.append(path.stem)
+        finish(runs / path.stem, 0.3, path.read_text())
+        return 0
+
+    monkeypatch.setattr(experiments.subprocess, "call", fake_up)
+    out = tmp_path / "out"
+    res = experiments.run_experiment(
+        "table", base_path, [0, 1, 2, 3], 20, out, 0, only=[variant.slug], resume=True
+    )
+    assert launched == names[1:]
+    finals = [r["pass@1_final"] for r in res[variant.label]]
+    assert finals == [0.6, 0.3, 0.3, 0.3] and [r["seed"] for r in res[variant.label]] == [0, 1, 2, 3]
+    assert "wall_s" not in res[variant.label][0] and "wall_s" in res[variant.label][1]
+    for name in names:
+        assert json.loads((runs / name / "summary.json").read_text())["avg_n"] == 0
+    # A second resume runs nothing and reads the summaries back; a summary computed with another avg@n is
+    # recomputed from the metrics (here with the post-hoc eval off), not reused.
+    launched.clear()
+    saved = json.loads((runs / names[0] / "summary.json").read_text())
+    saved["summary"]["pass@1_final"] = 0.99
+    (runs / names[0] / "summary.json").write_text(json.dumps(saved))
+    again = experiments.run_experiment(
+        "table", base_path, [0, 1], 20, out, 0, only=[variant.slug], resume=True
+    )
+    assert launched == [] and again[variant.label][0]["pass@1_final"] == 0.99
+    saved["avg_n"] = 4
+    (runs / names[0] / "summary.json").write_text(json.dumps(saved))
+    again = experiments.run_experiment("table", base_path, [0], 20, out, 0, only=[variant.slug], resume=True)
+    assert launched == [] and again[variant.label][0]["pass@1_final"] == 0.6
+    # Without --resume every run runs again.
+    experiments.run_experiment("table", base_path, [0], 20, out, 0, only=[variant.slug])
+    assert launched == [names[0]]
+    table = (out / "table" / "table.md").read_text()
+    assert "seeds [0]" in table
+
+
 def test_checkpoint_selection_reads_validation_only(base, tmp_path):
     # test pass@1 peaks at batch 10, validation at batch 20 (tied again at 30: the earliest wins)
     test = [0.2, 0.9, 0.5, 0.4]
