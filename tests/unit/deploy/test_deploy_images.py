@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 import tomllib
 from collections.abc import Iterator
 from concurrent import futures
@@ -499,3 +500,75 @@ def test_healthcheck_merges_the_workers_task_table(http_server) -> None:
     worker.environ.pop("OPD_WORKER_TASK")
     with pytest.raises(Exception, match="name this worker's"):
         healthcheck.check(worker)
+
+
+# ---------------------------------------------------------------- opd-model-cache
+
+
+model_cache = _load_script("model_cache")
+
+
+def test_model_cache_lists_each_hub_teacher_model_once() -> None:
+    config = {
+        "teacher": {"model": "Qwen/Qwen3-8B"},
+        "tasks": {
+            "math": {"teacher_model": "Qwen/Qwen3-8B"},
+            "rooms": {"teacher_model": "/models/rooms-teacher"},  # a path: nothing to download
+            "code": {"teacher_model": "org/coder"},
+            "plain": {},
+        },
+    }
+    assert model_cache.teacher_models(config) == ["Qwen/Qwen3-8B", "org/coder"]
+    assert model_cache.teacher_models({}) == []
+
+
+def test_model_cache_marks_a_model_only_once_downloaded_and_wait_blocks_until_then(tmp_path, capsys) -> None:
+    hf = str(tmp_path / "hf")
+    models = ["org/a", "org/b"]
+
+    def cut_short(model: str) -> str:
+        if model == "org/b":
+            raise ConnectionError("hub went away")
+        return f"/snapshots/{model}"
+
+    with pytest.raises(ConnectionError):
+        model_cache.fill(models, cut_short, hf_home=hf)
+    assert model_cache.missing(models, hf) == ["org/b"]  # the cut-short download left no mark
+    assert (tmp_path / "hf" / "opd-ready" / "org--a").read_text() == "/snapshots/org/a\n"
+
+    # The init container polls: the Job's rerun finishes during the third sleep.
+    sleeps: list[float] = []
+
+    def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        if len(sleeps) == 3:
+            model_cache.fill(models, lambda m: f"/snapshots/{m}", hf_home=hf)
+
+    waited = model_cache.wait(models, hf_home=hf, poll_s=10.0, log_every_s=20.0, sleep=sleep)
+    assert waited == 30.0 and sleeps == [10.0] * 3 and model_cache.missing(models, hf) == []
+    out = capsys.readouterr().out
+    assert "waiting 0 s for the model-download Job: org/b not cached" in out
+    assert "waiting 20 s" in out and "waiting 10 s" not in out  # logged every log_every_s, not every poll
+    assert "model cache ready: org/a, org/b" in out
+
+
+def test_model_cache_cli_waits_on_the_config_models(tmp_path) -> None:
+    config = tmp_path / "opd.toml"
+    config.write_text('[teacher]\nmodel = "org/a"\n')
+    env = {"PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}
+    cmd = [
+        sys.executable,
+        str(DOCKER_DIR / "model_cache.py"),
+        "wait",
+        "--config",
+        str(config),
+        "--poll-s",
+        "0.05",
+    ]
+    waiting = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    assert waiting.poll() is None  # still waiting: nothing is marked
+    (tmp_path / "hf" / "opd-ready").mkdir(parents=True)
+    (tmp_path / "hf" / "opd-ready" / "org--a").write_text("/snapshots/org/a\n")
+    out, _ = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0 and "model cache ready: org/a" in out

@@ -112,6 +112,7 @@ def _load_script(name: str) -> Any:
 
 
 entrypoint = _load_script("entrypoint")
+model_cache = _load_script("model_cache")
 
 
 # ---------------------------------------------------------------- reading the manifests
@@ -240,7 +241,7 @@ def k8s_procs(overlay: str) -> list[Proc]:
             continue
         pod = obj["spec"]["template"]["spec"]
         if obj["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "model-download":
-            continue  # a Python script on the teacher image, no `opd` process (test_model_cache_is_shared)
+            continue  # opd-model-cache on the teacher image, no `opd` process (test_model_cache_is_shared)
         volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for c in pod["containers"]:
             image = c["image"].split(":")[0].rsplit("/", 1)[-1]
@@ -1084,20 +1085,35 @@ def test_model_cache_is_shared(overlay, tmp_path, monkeypatch) -> None:
     assert not mount.get("readOnly") and volumes[mount["name"]]["persistentVolumeClaim"]["claimName"] == (
         "opd-model-cache"
     )
-    # The Job's script, run on the overlay's config with snapshot_download recorded: each teacher's model.
+    # Each teacher pod waits in an init container for the models the Job marks ready, on the same claim.
+    for d in teachers:
+        pod = d["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        assert init["command"] == ["opd-model-cache", "wait", "--config", CONFIG_MOUNT]
+        mounts = {m["mountPath"]: m for m in init["volumeMounts"]}
+        assert mounts["/cache/huggingface"]["readOnly"] is True
+        pod_volumes = {v["name"]: v for v in pod["volumes"]}
+        assert pod_volumes[mounts["/cache/huggingface"]["name"]]["persistentVolumeClaim"] == {
+            "claimName": "opd-model-cache",
+            "readOnly": True,
+        }
+    # The Job, run on the overlay's config with snapshot_download recorded: each teacher's model, marked.
+    assert c["command"] == ["opd-model-cache", "fill", "--config", CONFIG_MOUNT]
     cm = find_prefixed(objs, "ConfigMap", "opd-config")["data"]["opd.toml"]
     (tmp_path / "opd.toml").write_text(cm)
     downloaded: list[str] = []
     hub = type(sys)("huggingface_hub")
-    hub.snapshot_download = downloaded.append
+    hub.snapshot_download = lambda model: downloaded.append(model) or f"/snapshots/{model}"
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
-    assert c["command"][:2] == ["python", "-c"]
-    exec(c["command"][2].replace(CONFIG_MOUNT, str(tmp_path / "opd.toml")), {})
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert model_cache.main(["fill", "--config", str(tmp_path / "opd.toml")]) == 0
     served = set()
     for d in teachers:
         (tc,) = d["spec"]["template"]["spec"]["containers"]
         override = {e["name"]: e.get("value") for e in tc.get("env", [])}.get("OPD_TEACHER_MODEL")
         served.add(override or tomllib.loads(cm)["teacher"]["model"])
+    # what the init container waits for is exactly what the Job marked: it returns without a poll
+    assert model_cache.wait(model_cache.teacher_models(tomllib.loads(cm)), sleep=pytest.fail) == 0
     assert set(downloaded) == served, overlay
 
 
