@@ -5,6 +5,11 @@ Each task's eval metric is what the trainer logs for it (trainer/train.py `_eval
 `task/<name>/eval/pass@1` for a prompt task (greedy, through the rollout service) and
 `task/<name>/eval/success_rate` for an environment task (greedy episodes on held-out seeds).
 
+Beside it, per task: the lenient pass@1 of a prompt task (an answer closed by the teacher's end marker also
+counts), the last eval's completion length and share ending with the student's own end marker, and over
+the whole run the shares of training samples that ended with the student's end marker, held the other
+model's marker, or ran to the length cap (the special-token failure modes, as in the single-task table).
+
 No "best" over the test evals is reported (a maximum over test scores picks the checkpoint on the test set
 and overstates it). Where a task also logs a validation eval (`task/<name>/val/...`, same metric), the
 "val-selected" column is the test value at the eval with the best validation value.
@@ -19,6 +24,14 @@ from typing import Any
 from experiments.report import PANELS, mean_std, plot_curves, task_panels
 
 EVAL_KEY = re.compile(r"^task/([^/]+)/eval/(pass@1|success_rate)$")
+# (metric under task/<name>/eval/, its column title): reported at the last eval (the lenient score also before)
+EVAL_EXTRAS = (
+    ("pass@1_lenient", "pass@1 lenient"),
+    ("length", "eval length"),
+    ("ends_own_eos", "eval own eos"),
+)
+# (metric under task/<name>/response/, its column title): the mean over the run's training batches
+RUN_SHARES = (("ends_own_eos", "own eos"), ("other_special", "other marker"), ("length_cap", "length cap"))
 
 
 def task_eval_keys(rows: list[dict[str, Any]]) -> list[str]:
@@ -56,22 +69,39 @@ def summarize_tasks(rows: list[dict[str, Any]]) -> dict[str, float]:
         if both:  # highest validation value, earliest batch on a tie; the test value is only reported
             chosen = max(both, key=lambda r: (float(r[val_key]), -float(r.get("batch", 0))))
             out[f"{name}/selected"] = float(chosen[key])
+        task = key.split("/")[1]
+        for extra, title in EVAL_EXTRAS:  # beside the headline: lenient, length, end markers of the eval
+            extra_points = [
+                float(r[f"task/{task}/eval/{extra}"]) for r in rows if f"task/{task}/eval/{extra}" in r
+            ]
+            if extra_points:
+                if extra == "pass@1_lenient":
+                    out[f"{task} {title}/before"] = extra_points[0]
+                out[f"{task} {title}/final"] = extra_points[-1]
+        for metric, title in RUN_SHARES:  # averaged over every training batch of the task
+            values = [
+                float(r[f"task/{task}/response/{metric}"])
+                for r in rows
+                if f"task/{task}/response/{metric}" in r
+            ]
+            if values:
+                out[f"{task} {title}/run"] = sum(values) / len(values)
     out["batches"] = float(max((r.get("batch", 0) for r in rows), default=0))
     return out
 
 
 def tasks_table(results: dict[str, list[dict[str, float]]]) -> str:
-    """Markdown: one row per variant, `mean ± std` over seeds of each task's before / last eval, and its
-    val-selected eval where a run has one."""
+    """Markdown: one row per variant, `mean ± std` over seeds of each task's before / last eval, its
+    val-selected eval where a run has one, and the extras beside them (columns only where a run has them)."""
     names = list(
         dict.fromkeys(k.rsplit("/", 1)[0] for runs in results.values() for s in runs for k in s if "/" in k)
     )
-    titles = {"before": "before", "final": "last", "selected": "val-selected"}
+    titles = {"before": "before", "final": "last", "selected": "val-selected", "run": "(run)"}
     columns = [
         (name, part)
         for name in names
         for part in titles
-        if part != "selected" or any(f"{name}/selected" in s for runs in results.values() for s in runs)
+        if any(f"{name}/{part}" in s for runs in results.values() for s in runs)
     ]
     header = ["variant", "seeds"] + [f"{name} {titles[part]}" for name, part in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -411,7 +411,10 @@ def _write_outputs(exp_dir, name, results, curves, seeds, batches, avg_n) -> Non
             f"# opd experiment multitask\n\nseeds {seeds}, {batches or 'base-file'} batches per run (tasks "
             "alternate batch by batch); per task the trainer's greedy eval: pass@1 of the prompt task, success "
             "rate of the environment task, before training and at the last eval (no best-of-test column: selecting "
-            "on the test set overstates it; a val-selected column appears where tasks log a validation eval)."
+            "on the test set overstates it; a val-selected column appears where tasks log a validation eval). "
+            "Beside it: the lenient pass@1 (an answer closed by the teacher's marker also counts), the last "
+            "eval's length and share ending with the student's own end marker, and (run) the shares of the "
+            "task's training samples ending with that marker, holding the other marker, cut by the length limit."
             "\n\n" + tasks_table(done) + "\n![curves](curves.png)\n"
         )
         plot_task_curves(

@@ -46,6 +46,40 @@ def test_summary_has_before_last_best_per_task():
         summarize_tasks([{"batch": 1, "loss/lsm": 1.0, "eval/pass@1": 0.3}])
 
 
+def test_summary_has_lenient_lengths_and_end_marker_shares_per_task():
+    rows = rows_of([0.1, 0.5, 0.4], [0.0, 0.25, 0.5])
+    evals = [r for r in rows if "task/math/eval/pass@1" in r]
+    for row, lenient, length, eos in zip(
+        evals, [0.2, 0.6, 0.7], [40.0, 50.0, 63.0], [1.0, 0.5, 0.25], strict=True
+    ):
+        row.update({"task/math/eval/pass@1_lenient": lenient, "task/math/eval/length": length})
+        row["task/math/eval/ends_own_eos"] = eos
+    training = [r for r in rows if "loss/lsm" in r]
+    for i, row in enumerate(training):
+        task = "math" if row["batch"] % 2 else "rooms"
+        row.update(
+            {f"task/{task}/response/ends_own_eos": 1.0 - 0.25 * i, f"task/{task}/response/length_cap": 0.5}
+        )
+    s = summarize_tasks(rows)
+    assert s["math pass@1 lenient/before"] == 0.2 and s["math pass@1 lenient/final"] == 0.7
+    assert s["math eval length/final"] == 63.0 and s["math eval own eos/final"] == 0.25
+    assert "math eval length/before" not in s
+    # run means over the task's own training batches (math at batches 1 and 3, rooms at 2 and 4)
+    assert s["math own eos/run"] == pytest.approx((1.0 + 0.5) / 2)
+    assert s["rooms own eos/run"] == pytest.approx((0.75 + 0.25) / 2)
+    assert s["rooms length cap/run"] == 0.5 and "rooms other marker/run" not in s
+    assert "rooms pass@1 lenient/final" not in s  # an environment task has no lenient score
+    header = tasks_table({"LSM": [s]}).splitlines()[0]
+    for column in (
+        "math pass@1 lenient last",
+        "math eval own eos last",
+        "math length cap (run)",
+        "rooms own eos (run)",
+    ):
+        assert column in header
+    assert "math eval length before" not in header and "rooms other marker" not in header
+
+
 def test_table_is_mean_and_std_over_seeds():
     results = {
         "LSM": [
