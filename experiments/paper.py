@@ -16,9 +16,10 @@ test pass@1 of the checkpoint selected on the validation split (`select_checkpoi
 pass@1 and avg@n (n samples per prompt at trainer.eval_temperature and eval_top_p). Outputs, under
 `<out>/<name>/`: `configs/`, `runs/<run>/` (each pipeline run), `results.json`, `table.md` (mean +- std
 over seeds, like Table 1) and `curves.png` (one panel per metric, one line per variant: Figures 6-8).
-Each finished run also keeps its row in `runs/<run>/summary.json`; with `--resume` a run whose directory holds
-the same config and a finished pipeline (report.md, written only on success, and the last batch reached) is
-not run again, so an interrupted experiment, or one widened to more seeds, runs only what is missing.
+Each finished run keeps its wall time and post-hoc eval in `runs/<run>/experiment.json`; with `--resume` a run
+whose directory holds the same config and a finished pipeline (report.md, written only on success, and the
+last batch reached) is not run again (its row recomputed from its metrics, its post-hoc eval reused when made
+with the same avg@n), so an interrupted experiment, or one widened to more seeds, runs only what is missing.
 `multitask` runs the same way on the two-task toy (math + rooms); its table and curves are per task:
 pass@1 of the prompt task and success rate of the environment task (experiments/multitask_results.py).
 """
@@ -343,26 +344,29 @@ def run_experiment(
             seed,
             " finished, kept" if reuse else "",
         )
-        summary = cached_summary(run_dir, avg_n) if reuse else None
-        if summary is None:
+        # Per run, beside its outputs: the run's wall time and its post-hoc eval (the one slow part of a
+        # summary, kept per avg@n). The table row itself is always recomputed from metrics.jsonl.
+        state_path = run_dir / "experiment.json"
+        state = json.loads(state_path.read_text()) if reuse and state_path.is_file() else {}
+        if not reuse:
             t0 = time.perf_counter()
-            if not reuse:
-                # Each run is `opd up` as a user runs it (the launcher sits above the experiments, not below).
-                rc = subprocess.call([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)])
-                if rc != 0:
-                    raise RuntimeError(f"run {run_name} failed (exit {rc}); see {run_dir / 'logs'}")
-            rows = read_metrics(run_dir)
-            summary = summarize_tasks(rows) if name == "multitask" else summarize_run(rows)
-            summary["seed"] = float(seed)
-            if avg_n > 0 and name != "multitask":  # the post-hoc eval reads one eval_file; tasks eval in-run
-                post = posthoc_eval(run_dir, cfg, avg_n)
-                for key in ("pass@1", "pass@1_lenient", "avg@n", "avg@n_lenient"):
-                    summary[f"posthoc/{key}"] = post[key]
-            if not reuse:  # a kept run's time is not known (its summary.json predates this cache)
-                summary["wall_s"] = time.perf_counter() - t0
-            (run_dir / "summary.json").write_text(json.dumps({"avg_n": avg_n, "summary": summary}, indent=2))
-        else:
-            rows = read_metrics(run_dir)
+            # Each run is `opd up` as a user runs it (the launcher sits above the experiments, not below).
+            rc = subprocess.call([sys.executable, "-m", "launcher.cli", "up", "--config", str(path)])
+            if rc != 0:
+                raise RuntimeError(f"run {run_name} failed (exit {rc}); see {run_dir / 'logs'}")
+            state = {"wall_s": time.perf_counter() - t0}
+        rows = read_metrics(run_dir)
+        summary = summarize_tasks(rows) if name == "multitask" else summarize_run(rows)
+        summary["seed"] = float(seed)
+        if "wall_s" in state:
+            summary["wall_s"] = float(state["wall_s"])
+        if avg_n > 0 and name != "multitask":  # the post-hoc eval reads one eval_file; tasks eval in-run
+            post = state.get("posthoc")
+            if not post or post.get("avg_n") != avg_n:
+                post = state["posthoc"] = {"avg_n": avg_n, **posthoc_eval(run_dir, cfg, avg_n)}
+            for key in ("pass@1", "pass@1_lenient", "avg@n", "avg@n_lenient"):
+                summary[f"posthoc/{key}"] = float(post[key])
+        state_path.write_text(json.dumps(state, indent=2))
         results[variant.label].append(summary)
         curves[variant.label].append(rows)
         # Written after every run, so a long experiment interrupted midway still leaves its partial table.
@@ -384,15 +388,6 @@ def finished_run(run_dir: Path, config_path: Path, max_batches: int) -> bool:
     return (
         max_batches <= 0 or max((r.get("batch", 0) for r in read_metrics(run_dir)), default=0) >= max_batches
     )
-
-
-def cached_summary(run_dir: Path, avg_n: int) -> dict[str, float] | None:
-    """The run's table row from its summary.json when computed with the same post-hoc avg@n (else None)."""
-    path = run_dir / "summary.json"
-    if not path.is_file():
-        return None
-    saved = json.loads(path.read_text())
-    return dict(saved["summary"]) if saved.get("avg_n") == avg_n else None
 
 
 def _vocab_size(model: str) -> int:

@@ -192,22 +192,28 @@ def test_resume_keeps_finished_runs_and_runs_the_rest(base, tmp_path, monkeypatc
     finals = [r["pass@1_final"] for r in res[variant.label]]
     assert finals == [0.6, 0.3, 0.3, 0.3] and [r["seed"] for r in res[variant.label]] == [0, 1, 2, 3]
     assert "wall_s" not in res[variant.label][0] and "wall_s" in res[variant.label][1]
-    for name in names:
-        assert json.loads((runs / name / "summary.json").read_text())["avg_n"] == 0
-    # A second resume runs nothing and reads the summaries back; a summary computed with another avg@n is
-    # recomputed from the metrics (here with the post-hoc eval off), not reused.
+    # A second resume runs nothing; the rows come from the metrics again (a rewritten metrics file shows),
+    # the post-hoc eval is made once per avg@n and reused, and the wall time of a run made here is kept.
     launched.clear()
-    saved = json.loads((runs / names[0] / "summary.json").read_text())
-    saved["summary"]["pass@1_final"] = 0.99
-    (runs / names[0] / "summary.json").write_text(json.dumps(saved))
-    again = experiments.run_experiment(
-        "table", base_path, [0, 1], 20, out, 0, only=[variant.slug], resume=True
-    )
-    assert launched == [] and again[variant.label][0]["pass@1_final"] == 0.99
-    saved["avg_n"] = 4
-    (runs / names[0] / "summary.json").write_text(json.dumps(saved))
-    again = experiments.run_experiment("table", base_path, [0], 20, out, 0, only=[variant.slug], resume=True)
-    assert launched == [] and again[variant.label][0]["pass@1_final"] == 0.6
+    posthoc_calls = []
+
+    def fake_posthoc(run_dir: Path, cfg: dict, n: int) -> dict[str, float]:
+        posthoc_calls.append((run_dir.name, n))
+        return {"pass@1": 0.1, "pass@1_lenient": 0.2, "avg@n": 0.3 + n, "avg@n_lenient": 0.4}
+
+    monkeypatch.setattr(experiments, "posthoc_eval", fake_posthoc)
+    _write_metrics(runs / names[0] / "metrics.jsonl", [0.2, 0.5, 0.65], [40.0, 41.0, 42.0])
+    for n, expected_calls in ((4, names[:2]), (4, []), (2, names[:2])):
+        posthoc_calls.clear()
+        again = experiments.run_experiment(
+            "table", base_path, [0, 1], 20, out, n, only=[variant.slug], resume=True
+        )
+        assert launched == [] and [c[0] for c in posthoc_calls] == expected_calls
+        rows = again[variant.label]
+        assert rows[0]["pass@1_final"] == 0.65 and rows[0]["posthoc/avg@n"] == 0.3 + n
+        assert "wall_s" not in rows[0] and rows[1]["wall_s"] == res[variant.label][1]["wall_s"]
+    saved = json.loads((runs / names[1] / "experiment.json").read_text())
+    assert saved["posthoc"]["avg_n"] == 2 and saved["wall_s"] == res[variant.label][1]["wall_s"]
     # Without --resume every run runs again.
     experiments.run_experiment("table", base_path, [0], 20, out, 0, only=[variant.slug])
     assert launched == [names[0]]
