@@ -5,12 +5,14 @@
     opd-model-cache wait [--config /etc/opd/opd.toml]   block until every teacher model is marked ready
 
 The models are the config's `[teacher] model` and each `[tasks.*] teacher_model` that is a hub id (a path
-is not downloaded). `fill` (the Job `model-download`) runs `snapshot_download` into HF_HOME and, only once a
-model is complete, writes the marker `$HF_HOME/opd-ready/<org>--<name>`: a download cut short leaves no
-marker, so a partly written snapshot is never taken for a cached model. `wait` (the teachers' init
+is not downloaded). `fill` (the Job `model-download`) removes a model's marker, runs `snapshot_download` into
+HF_HOME and, only once every file the hub lists for the model is in the snapshot, writes the marker
+`$HF_HOME/opd-ready/<org>--<name>` again: a download cut short leaves no marker, so a partly written
+snapshot is never taken for a cached model. `wait` (the teachers' init
 container) polls for the markers and logs what it still waits for, so a teacher pod stays in `Init` until
 the Job has finished instead of failing and restarting without its model. A cache filled by hand needs the
-markers too: `touch $HF_HOME/opd-ready/<org>--<name>` after the download.
+markers too: `touch $HF_HOME/opd-ready/<org>--<name>` after the download. `wait` waits for every teacher
+model of the config, not only its own Deployment's: the Job fills them all in one go.
 """
 
 from __future__ import annotations
@@ -41,13 +43,27 @@ def marker(model: str, hf_home: str | None = None) -> Path:
     return ready_dir(hf_home) / model.replace("/", "--")
 
 
-def fill(models: list[str], download: Callable[[str], str], hf_home: str | None = None) -> None:
-    """Download each model (snapshot_download fetches only the files not yet cached), then mark it ready:
-    after, never before, the download returned."""
+def fill(
+    models: list[str],
+    download: Callable[[str], str],
+    list_files: Callable[[str], list[str]],
+    hf_home: str | None = None,
+) -> None:
+    """Download each model (snapshot_download fetches only the files not yet cached) and mark it ready once
+    every file the hub lists for it is in the returned snapshot. The old mark goes first: a rerun after the
+    hub's `main` moved points the cache at a new, partly fetched snapshot until the download returns."""
     ready_dir(hf_home).mkdir(parents=True, exist_ok=True)
     for model in models:
+        marker(model, hf_home).unlink(missing_ok=True)
         print(f"{model}: downloading into the model cache", flush=True)
         path = download(model)
+        # snapshot_download may hand back what is cached when the hub cannot be reached; the listing needs
+        # the hub, so a mark always means "complete as the hub lists it now".
+        absent = [f for f in list_files(model) if not (Path(path) / f).exists()]
+        if absent:
+            raise RuntimeError(
+                f"{model}: the snapshot at {path} lacks {len(absent)} files, e.g. {absent[:3]}"
+            )
         marker(model, hf_home).write_text(f"{path}\n")
         print(f"{model}: cached at {path}", flush=True)
 
@@ -86,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.config, "rb") as fh:
         models = teacher_models(tomllib.load(fh))
     if args.action == "fill":
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import list_repo_files, snapshot_download
 
-        fill(models, snapshot_download)
+        fill(models, snapshot_download, list_repo_files)
     else:
         wait(models, poll_s=args.poll_s)
     return 0

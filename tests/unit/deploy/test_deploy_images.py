@@ -529,12 +529,28 @@ def test_model_cache_marks_a_model_only_once_downloaded_and_wait_blocks_until_th
     def cut_short(model: str) -> str:
         if model == "org/b":
             raise ConnectionError("hub went away")
-        return f"/snapshots/{model}"
+        return snapshot(model, ["config.json", "model.safetensors"])
 
+    def snapshot(model: str, files: list[str]) -> str:
+        path = tmp_path / "snapshots" / model
+        path.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (path / f).write_text("x")
+        return str(path)
+
+    listing = {"org/a": ["config.json", "model.safetensors"], "org/b": ["config.json", "model.safetensors"]}
     with pytest.raises(ConnectionError):
-        model_cache.fill(models, cut_short, hf_home=hf)
+        model_cache.fill(models, cut_short, listing.get, hf_home=hf)
     assert model_cache.missing(models, hf) == ["org/b"]  # the cut-short download left no mark
-    assert (tmp_path / "hf" / "opd-ready" / "org--a").read_text() == "/snapshots/org/a\n"
+    a_path = str(tmp_path / "snapshots" / "org" / "a")
+    assert (tmp_path / "hf" / "opd-ready" / "org--a").read_text() == a_path + "\n"
+    # A snapshot handed back without every listed file (hub unreachable, cache partial) is not marked, and a
+    # rerun takes the old mark away before it downloads.
+    with pytest.raises(RuntimeError, match="lacks 1 files"):
+        model_cache.fill(
+            ["org/a"], lambda m: snapshot(m, []), {"org/a": ["config.json", "extra.bin"]}.get, hf
+        )
+    assert model_cache.missing(models, hf) == models
 
     # The init container polls: the Job's rerun finishes during the third sleep.
     sleeps: list[float] = []
@@ -542,12 +558,12 @@ def test_model_cache_marks_a_model_only_once_downloaded_and_wait_blocks_until_th
     def sleep(seconds: float) -> None:
         sleeps.append(seconds)
         if len(sleeps) == 3:
-            model_cache.fill(models, lambda m: f"/snapshots/{m}", hf_home=hf)
+            model_cache.fill(models, lambda m: snapshot(m, listing[m]), listing.get, hf_home=hf)
 
     waited = model_cache.wait(models, hf_home=hf, poll_s=10.0, log_every_s=20.0, sleep=sleep)
     assert waited == 30.0 and sleeps == [10.0] * 3 and model_cache.missing(models, hf) == []
     out = capsys.readouterr().out
-    assert "waiting 0 s for the model-download Job: org/b not cached" in out
+    assert "waiting 0 s for the model-download Job: org/a, org/b not cached" in out
     assert "waiting 20 s" in out and "waiting 10 s" not in out  # logged every log_every_s, not every poll
     assert "model cache ready: org/a, org/b" in out
 
@@ -566,9 +582,12 @@ def test_model_cache_cli_waits_on_the_config_models(tmp_path) -> None:
         "0.05",
     ]
     waiting = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)
-    time.sleep(0.5)
-    assert waiting.poll() is None  # still waiting: nothing is marked
-    (tmp_path / "hf" / "opd-ready").mkdir(parents=True)
-    (tmp_path / "hf" / "opd-ready" / "org--a").write_text("/snapshots/org/a\n")
-    out, _ = waiting.communicate(timeout=30)
+    try:
+        time.sleep(0.5)
+        assert waiting.poll() is None  # still waiting: nothing is marked
+        (tmp_path / "hf" / "opd-ready").mkdir(parents=True)
+        (tmp_path / "hf" / "opd-ready" / "org--a").write_text("/snapshots/org/a\n")
+        out, _ = waiting.communicate(timeout=30)
+    finally:
+        waiting.kill()
     assert waiting.returncode == 0 and "model cache ready: org/a" in out

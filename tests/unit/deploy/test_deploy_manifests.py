@@ -1103,7 +1103,8 @@ def test_model_cache_is_shared(overlay, tmp_path, monkeypatch) -> None:
     (tmp_path / "opd.toml").write_text(cm)
     downloaded: list[str] = []
     hub = type(sys)("huggingface_hub")
-    hub.snapshot_download = lambda model: downloaded.append(model) or f"/snapshots/{model}"
+    hub.snapshot_download = lambda model: downloaded.append(model) or str(tmp_path)
+    hub.list_repo_files = lambda model: ["opd.toml"]  # a file the fake snapshot (tmp_path) holds
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     assert model_cache.main(["fill", "--config", str(tmp_path / "opd.toml")]) == 0
