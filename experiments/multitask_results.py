@@ -110,7 +110,8 @@ def tasks_table(results: dict[str, list[dict[str, float]]]) -> str:
         for name, part in columns:
             values = [s[f"{name}/{part}"] for s in runs if f"{name}/{part}" in s]
             mean, std = mean_std(values)
-            cells.append(f"{mean:.3f} ± {std:.3f}" if values else "–")
+            digits = 1 if name.endswith(" length") else 3  # lengths in tokens, the rest rates
+            cells.append(f"{mean:.{digits}f} ± {std:.{digits}f}" if values else "–")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -78,6 +78,7 @@ def test_summary_has_lenient_lengths_and_end_marker_shares_per_task():
     ):
         assert column in header
     assert "math eval length before" not in header and "rooms other marker" not in header
+    assert "| 63.0 ± 0.0 |" in tasks_table({"LSM": [s]})  # a length in tokens, one decimal
 
 
 def test_table_is_mean_and_std_over_seeds():
