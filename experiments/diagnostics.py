@@ -36,12 +36,13 @@ from torch import Tensor
 def load_checkpoint_model(base_model: str, checkpoint_dir: str | Path | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) of `base_model` (hub id or path), with the newest trainer checkpoint's weights
     from `checkpoint_dir` loaded when given (the model part of its DCP checkpoint, any number of ranks)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from services.common.hf_models import load_causal_lm
     from services.common.policy_files import DCP_DIR, list_checkpoints, read_dcp_model
 
     tokenizer = AutoTokenizer.from_pretrained(base_model)
-    model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    model = load_causal_lm(base_model, dtype=torch.float32)
     if checkpoint_dir is not None:
         ckpts = list_checkpoints(Path(checkpoint_dir))
         if not ckpts:
@@ -302,7 +303,7 @@ def plot_diagnostics(data: TokenData, out_dir: Path, title: str = "") -> list[Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    from transformers import AutoModelForCausalLM
+    from services.common.hf_models import load_causal_lm
 
     parser = argparse.ArgumentParser(prog="opd experiment diagnostics", description=__doc__.split("\n")[0])
     parser.add_argument("--student", required=True, help="student HF model (hub id or path)")
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     student, tokenizer = load_checkpoint_model(args.student, args.checkpoint)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
+    teacher = load_causal_lm(args.teacher, dtype=torch.float32).eval()
     rows = [json.loads(line) for line in Path(args.prompts).read_text().splitlines() if line.strip()]
     prompts = [r["prompt"] for r in rows[: args.max_prompts]]
     data = collect_token_data(

@@ -1,5 +1,6 @@
 """Shared test fixtures, and the tiers: every test is marked by its directory (unit, integration, e2e)."""
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,28 @@ def pytest_collection_modifyitems(config, items) -> None:
         tier = Path(item.fspath).relative_to(root).parts[0]
         if tier in TIERS:
             item.add_marker(getattr(pytest.mark, tier))
+
+
+_TIE_WEIGHTS: list = []  # transformers' own PreTrainedModel.tie_weights, once seen
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item) -> None:
+    """Fail the test that leaves weight tying disabled process-wide (two model loads overlapping in
+    threads: services/common/hf_models.py) and put the method back, instead of failing a later, unrelated
+    test that builds a tied model."""
+    if "transformers.modeling_utils" not in sys.modules:
+        return
+    from transformers.modeling_utils import PreTrainedModel
+
+    from services.common.hf_models import tying_intact
+
+    if tying_intact():
+        _TIE_WEIGHTS[:] = [PreTrainedModel.__dict__["tie_weights"]]
+        return
+    if _TIE_WEIGHTS:
+        PreTrainedModel.tie_weights = _TIE_WEIGHTS[0]
+    pytest.fail(f"{item.nodeid} left PreTrainedModel.tie_weights replaced (overlapping model loads)")
 
 
 @pytest.fixture(scope="session")

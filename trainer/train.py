@@ -40,6 +40,7 @@ from transformers import PreTrainedModel
 from services.common import redis_keys
 from services.common.config import ConfigError, report_config_errors, to_dict
 from services.common.experience import ExperienceRecord, decode
+from services.common.hf_models import load_causal_lm
 from services.common.logs import setup_logging
 from services.common.prompts import Prompt
 from services.common.token_aliases import disagreeing_special_ids
@@ -83,10 +84,9 @@ log = logging.getLogger("trainer")
 def load_student(cfg: TrainerConfig, device: torch.device) -> tuple[PreTrainedModel, Any]:
     """The student (any causal LM id or path) with fp32 master weights, in training mode on `device`, and
     its tokenizer. The layout over ranks and the compute precision come after (trainer/parallel.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # lazy: heavy import
+    from transformers import AutoTokenizer  # lazy: heavy import
 
-    # transformers' stub for PreTrainedModel.to drops `self` (its decorator), hence the ignore
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(device)  # type: ignore[arg-type]
+    model = load_causal_lm(cfg.model, dtype=torch.float32).to(device)
     model.config.use_cache = False
     model.train()
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)

@@ -34,9 +34,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from experiments.tiny_models import BOS, PAD, STUDENT_EOS, TEACHER_EOS, UNK, build_char_tokenizer
+from services.common.hf_models import load_causal_lm
 from services.common.verifiers import ends_with_own_marker, own_end_ids, toy_arith, toy_arith_answer
 
 # Digits, the two operators and the line break: everything a prompt or an answer line can contain.
@@ -279,7 +280,7 @@ def evaluate(
 ) -> float:
     """Strict pass@1 accuracy of a saved model (HF format, any path or hub id) on (prompts, answers)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    model = load_causal_lm(model_dir).to(device)
     result = generate_and_score(
         model, tokenizer, prompts, answers, max_new_tokens, greedy, temperature, top_p, batch_size, seed
     )

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 
 from services.common.devices import resolve_device
+from services.common.hf_models import load_causal_lm
 from services.rollout.config import RolloutConfig
 from services.rollout.engine import (
     EngineUnavailable,
@@ -390,9 +391,7 @@ class HFEngine(RolloutEngine):
         dtype = DTYPES.get(cfg.dtype, "auto")
         log.info("loading %s on %s (dtype %s)", cfg.model, device, cfg.dtype)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        model = load_causal_lm(cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
         # transformers wraps `PreTrainedModel.to` in a decorator whose stub drops the bound self.
         model = model.to(device).eval()  # type: ignore[arg-type]
         schema = WeightSchema.of_module(model)

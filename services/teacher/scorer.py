@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from services.common.devices import resolve_device
+from services.common.hf_models import load_causal_lm
 from services.common.vocab import vocab_sha256
 from services.teacher import memory
 
@@ -124,10 +125,8 @@ class HFScorer:
         model_id: str = "",
         prefix_reuse: bool = True,
     ):
-        from transformers import AutoModelForCausalLM
-
         self.device = resolve_device(device)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=resolve_dtype(dtype, self.device))
+        self.model = load_causal_lm(model, dtype=resolve_dtype(dtype, self.device))
         # transformers wraps `PreTrainedModel.to` in a decorator whose stub drops the bound self.
         self.model.to(self.device).eval()  # type: ignore[arg-type]
         self.decoder = self.model.get_decoder()

@@ -11,10 +11,10 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode, encode
+from services.common.hf_models import load_causal_lm
 from services.common.redis_keys import RECORD_FIELD, connect
 from services.common.verifiers import completion_text
 from services.worker.envs import make_env
@@ -141,7 +141,7 @@ def test_record_is_the_played_transcript(stack):
         assert set(s.env_positions.tolist()) == set(range(len(ids))) - action_pos
         assert (s.behaviour_logprobs[s.env_positions] == 0.0).all()
     # the behaviour logprobs are the student's own, in the full transcript context
-    model = AutoModelForCausalLM.from_pretrained(stack["student"], dtype=torch.float32).eval()
+    model = load_causal_lm(stack["student"], dtype=torch.float32).eval()
     s = rec.samples[0]
     with torch.no_grad():
         ids = torch.tensor([rec.prompt_ids.tolist() + s.completion_ids.tolist()])
@@ -222,7 +222,7 @@ def test_env_tokens_have_zero_weight_in_every_objective(stack, kw, special_maski
     assert env_B_T.any() and not (mb.token_mask_B_T & env_B_T).any()
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(stack["student"], dtype=torch.float32)
+    model = load_causal_lm(stack["student"], dtype=torch.float32)
 
     def loss_and_grad(batch):
         model.zero_grad()
@@ -305,7 +305,7 @@ class EchoEnv:
 @torch.no_grad()
 def test_evaluate_env_is_greedy_success_rate(stack):
     tok = stack["tok"]
-    model = AutoModelForCausalLM.from_pretrained(stack["student"], dtype=torch.float32).eval()
+    model = load_causal_lm(stack["student"], dtype=torch.float32).eval()
     stop = sorted(set(tok.all_special_ids))
     targets = {}
     for seed in range(6):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from opd_teacher_client import TeacherClient
-from transformers import AutoModelForCausalLM
 
 from examples.teacher_api.distill import lsm_loss, train
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
 from services.teacher.server import run_server
@@ -45,7 +45,7 @@ def models(tmp_path_factory):
     tok = build_char_tokenizer()
     student = make_tiny_llama(root / "student", seed=0, tokenizer=tok)
     teacher = make_tiny_llama(root / "teacher", seed=5, tokenizer=tok)
-    model = AutoModelForCausalLM.from_pretrained(teacher)
+    model = load_causal_lm(teacher)
     with torch.no_grad():  # a peaked teacher: its top-K is a real target
         model.lm_head.weight.mul_(30.0)
     model.save_pretrained(teacher)
@@ -62,7 +62,7 @@ def teacher_address(models):
 
 def support_kl(model_dir, teacher, sequences: list[list[int]], P: list[int]) -> float:
     """The example's loss per token over fixed sequences: how far a student is from the teacher's top-K."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    model = load_causal_lm(model_dir).eval()
     rows = teacher.score(sequences, score_from=P, top_k=8)
     total, n = 0.0, 0
     with torch.no_grad():

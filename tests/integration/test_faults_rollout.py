@@ -14,10 +14,10 @@ import time
 import httpx
 import pytest
 from opd_teacher_client import TeacherClient
-from transformers import AutoModelForCausalLM
 
 from experiments.diagnostics import load_full_state
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.common.policy_files import DCP_DIR, read_dcp_model
 from services.common.redis_keys import connect, policy_version_key
 from services.common.redis_server import EmbeddedRedis, free_port
@@ -44,7 +44,7 @@ G, K, RUN = 2, 4, "rolloutfault"
 
 def _sha_of_checkpoint(student, ckpt_dir, version: int) -> str:
     """sha256 of the weights the trainer checkpointed at `version` (push_every=1: batch == version)."""
-    model = AutoModelForCausalLM.from_pretrained(student)
+    model = load_causal_lm(student)
     load_full_state(model, read_dcp_model(ckpt.checkpoint_path(ckpt_dir, version) / DCP_DIR))
     sd = model.state_dict()
     return state_sha256(sd, sd.keys())
@@ -175,7 +175,7 @@ def test_resume_from_shared_push_dir_and_checkpoint_dir(tmp_path):
 
     tok = build_char_tokenizer()
     student = make_tiny_llama(tmp_path / "student", seed=0, tokenizer=tok)
-    model = AutoModelForCausalLM.from_pretrained(student)
+    model = load_causal_lm(student)
     shared = tmp_path / "shared"
     shared.mkdir()
     for version, shift in ((4, 0.1), (7, 0.2)):  # a newer file wins

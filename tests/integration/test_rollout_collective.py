@@ -19,11 +19,11 @@ import httpx
 import pytest
 import torch
 from fastapi import FastAPI
-from transformers import AutoModelForCausalLM
 
 from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import EmbeddedRedis
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
@@ -49,9 +49,7 @@ def models(tmp_path_factory):
     return dict(
         root=root,
         student_dir=make_tiny_llama(root / "student", seed=0, tokenizer=TOK),
-        teacher=AutoModelForCausalLM.from_pretrained(
-            make_tiny_llama(root / "teacher", seed=1, tokenizer=TOK)
-        ),
+        teacher=load_causal_lm(make_tiny_llama(root / "teacher", seed=1, tokenizer=TOK)),
     )
 
 
@@ -95,7 +93,7 @@ def _sha(sd) -> str:
 
 
 def _perturbed(student_dir, seed: int) -> dict[str, torch.Tensor]:
-    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    model = load_causal_lm(student_dir)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -304,7 +302,7 @@ def test_replica_failing_mid_broadcast_fails_the_push_fast_then_a_new_group_form
 
 
 def test_trainer_run_pushes_by_collective(models, replicas, redis_server, tmp_path, monkeypatch):
-    student = AutoModelForCausalLM.from_pretrained(models["student_dir"])
+    student = load_causal_lm(models["student_dir"])
     records = synthetic_records(
         student,
         models["teacher"],
@@ -339,7 +337,7 @@ def test_trainer_run_pushes_by_collective(models, replicas, redis_server, tmp_pa
     )
     state = run(cfg)
     assert state.policy_version == state.batch == 2
-    trained = AutoModelForCausalLM.from_pretrained(models["student_dir"])
+    trained = load_causal_lm(models["student_dir"])
     from trainer import checkpoint as ckpt
 
     ckpt.load_latest(cfg.checkpoint_dir, trained, restore_rng=False)

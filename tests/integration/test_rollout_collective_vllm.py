@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
 from services.common import redis_keys
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import EmbeddedRedis
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
@@ -38,7 +38,7 @@ GREEDY = GenerateRequest(
 
 def _peaked(path, seed: int, tok):
     make_tiny_llama(path, seed=seed, tokenizer=tok)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = load_causal_lm(path).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     save_model(model, tok, path)

@@ -9,9 +9,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
+from services.common.hf_models import load_causal_lm
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError
 from services.rollout.config import RolloutConfig
@@ -30,7 +30,7 @@ PROMPT = "abcab"
 def make_peaked_llama(path, seed: int, lm_head_std: float, tokenizer):
     """A tiny Llama whose output layer is scaled up: a spread next-token distribution, clear argmax margins."""
     make_tiny_llama(path, seed=seed, tokenizer=tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = load_causal_lm(path).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, lm_head_std, generator=torch.Generator().manual_seed(seed))
     save_model(model, tokenizer, path)

@@ -12,9 +12,9 @@ import httpx
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
+from services.common.hf_models import load_causal_lm
 from services.rollout.app import build_app
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.config import RolloutConfig
@@ -34,7 +34,7 @@ GREEDY = GenerateRequest(prompts=PROMPTS, n=2, max_new_tokens=STEPS, top_p=1e-6,
 def make_peaked_llama(path, seed: int, tokenizer):
     """A tiny Llama with a scaled-up output layer, so greedy outputs have clear argmax margins."""
     make_tiny_llama(path, seed=seed, tokenizer=tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = load_causal_lm(path).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     save_model(model, tokenizer, path)
@@ -89,7 +89,7 @@ def models(tmp_path_factory):
     tok = build_char_tokenizer()
     a, b = make_peaked_llama(root / "a", 0, tok), make_peaked_llama(root / "b", 1, tok)
     # "fresh model loaded with the new weights": B as read back from its own checkpoint directory
-    fresh_b = AutoModelForCausalLM.from_pretrained(root / "b").eval()
+    fresh_b = load_causal_lm(root / "b").eval()
     info = dict(root=root, a=a, b=b, greedy_a=greedy_of(a), greedy_b=greedy_of(fresh_b))
     assert info["greedy_a"] != info["greedy_b"]
     info["sd_a"] = load_file(root / "a" / "model.safetensors")

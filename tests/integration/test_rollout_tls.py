@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.common.redis_keys import connect, policy_version_key
 from services.common.redis_server import EmbeddedRedis
 from services.rollout.app import build_app
@@ -65,9 +66,8 @@ def test_clients_speak_https_with_a_ca_bundle(https_url, tls_files, model_path):
 
 
 def test_trainer_weight_push_over_https(https_url, tls_files, model_path):
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path)
+    model = load_causal_lm(model_path)
     with EmbeddedRedis() as redis_server:
         client = connect(redis_server.url)
         sync = WeightSync(client, "tls", [https_url], token=TOKEN, tls_ca_file=tls_files.ca_file)

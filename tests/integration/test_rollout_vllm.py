@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama, save_model
+from services.common.hf_models import load_causal_lm
 from services.rollout.client import RolloutClient, RolloutError, state_dict_to_safetensors
 from services.rollout.engine import state_sha256
 from services.rollout.hf_engine import sample_rows
@@ -40,7 +40,7 @@ GREEDY = GenerateRequest(prompts=PROMPTS, n=2, max_new_tokens=STEPS, top_p=1e-6,
 def make_peaked_llama(path, seed: int, tokenizer):
     """A tiny Llama with a scaled-up output layer: clear argmax margins, so kernels cannot flip greedy picks."""
     make_tiny_llama(path, seed=seed, tokenizer=tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    model = load_causal_lm(path).eval()
     with torch.no_grad():
         model.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     save_model(model, tokenizer, path)
@@ -125,7 +125,7 @@ def stack(tmp_path_factory):
             time.sleep(0.5)
         yield dict(client=client, a=a, b=b, root=root, tok=tok, url=f"http://127.0.0.1:{port}",
                    sd_a=load_file(root / "a" / "model.safetensors"), sd_b=load_file(root / "b" / "model.safetensors"),
-                   greedy_a=hf_greedy(a), greedy_b=hf_greedy(AutoModelForCausalLM.from_pretrained(root / "b")))  # fmt: skip
+                   greedy_a=hf_greedy(a), greedy_b=hf_greedy(load_causal_lm(root / "b")))  # fmt: skip
     finally:
         client.close()
         proc.terminate()

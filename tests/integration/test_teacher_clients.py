@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 from opd_teacher_client import ScoredRows, TeacherClient
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.teacher.config import TeacherConfig
 from services.teacher.server import run_server
 
@@ -41,7 +41,7 @@ NO_BUILD_OUTPUT = shutil.ignore_patterns("__pycache__", "*.egg-info", "build", "
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("teacher") / "llama", seed=7)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     with torch.no_grad():  # spread the logits so the top-K order is not a near-tie anywhere
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)

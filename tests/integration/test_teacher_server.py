@@ -19,9 +19,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from opd_teacher_client import TeacherClient, build_sequence
 from opd_teacher_client.v1 import teacher_pb2, teacher_pb2_grpc
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import free_port
 from services.teacher.config import TeacherConfig
 from services.teacher.scorer import HFScorer
@@ -34,7 +34,7 @@ SERVICE = "opd.teacher.v1.TeacherService"
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("teacher") / "llama", seed=5)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     with torch.no_grad():  # spread the logits so the top-K order is not a near-tie everywhere
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
@@ -43,7 +43,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_model(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return load_causal_lm(model_dir).eval()
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opd_teacher_client import TeacherClient
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import free_port
 from services.teacher.scorer import HFScorer, ScoreItem
 
@@ -38,7 +38,7 @@ ATOL = 1e-3
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("teacher") / "llama", seed=11)  # head_dim 32
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     with torch.no_grad():  # spread the logits so the top-K order is not a near-tie everywhere
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)

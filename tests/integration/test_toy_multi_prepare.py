@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS
 from experiments.toy.multitask import ROLES, MultiToyConfig, main, prepare
 from experiments.toy.task import parse_prompt, read_jsonl
+from services.common.hf_models import load_causal_lm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -76,7 +77,7 @@ def test_data_and_models(prepared):
     for role in ROLES:
         path = result.paths.model(role)
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = load_causal_lm(path)
         eos = STUDENT_EOS if role == "student" else TEACHER_EOS
         assert tok.eos_token == eos and model.generation_config.eos_token_id == tok.eos_token_id
         assert model.config.hidden_size == 64 and model.config.max_position_embeddings == 512

@@ -11,11 +11,12 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from experiments.tiny_models import STUDENT_EOS, TEACHER_EOS
 from experiments.toy.prepare import ToyConfig, main, prepare
 from experiments.toy.task import generate_and_score, parse_prompt, read_jsonl
+from services.common.hf_models import load_causal_lm
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -59,7 +60,7 @@ def test_models_load_in_transformers_with_their_own_end_markers(prepared):
     for role, eos in (("teacher", TEACHER_EOS), ("student", STUDENT_EOS)):
         path = getattr(result.paths, role)
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = load_causal_lm(path)
         assert type(model).__name__ == "LlamaForCausalLM"
         assert model.config.head_dim == 32
         assert tok.eos_token == eos

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.diagnostics import load_full_state
 from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
 from services.common.config import WEIGHTS_TOKEN_ENV
+from services.common.hf_models import load_causal_lm
 from services.common.policy_files import DCP_DIR, read_dcp_model
 from services.common.redis_server import EmbeddedRedis, free_port
 from services.rollout.app import build_app
@@ -39,7 +39,7 @@ TOKEN = "dp-token"
 
 
 def _sha_of_checkpoint(student_dir: Path, ckpt_dir: str, batch: int) -> str:
-    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    model = load_causal_lm(student_dir)
     load_full_state(model, read_dcp_model(ckpt.checkpoint_path(Path(ckpt_dir), batch) / DCP_DIR))
     sd = model.state_dict()
     return state_sha256(sd, sd.keys())
@@ -58,8 +58,8 @@ def _sha_of_checkpoint(student_dir: Path, ckpt_dir: str, batch: int) -> str:
 def test_two_process_data_parallel_equals_single_process(tmp_path, layout, monkeypatch):
     student_dir = make_tiny_llama(tmp_path / "student", seed=0, tokenizer=TOK)
     teacher_dir = make_tiny_llama(tmp_path / "teacher", seed=1, tokenizer=TOK)
-    student = AutoModelForCausalLM.from_pretrained(student_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = load_causal_lm(student_dir)
+    teacher = load_causal_lm(teacher_dir)
     # uneven completion lengths: the two shards of a mini-batch hold different token counts
     records = synthetic_records(
         student,
@@ -164,8 +164,8 @@ def test_two_process_data_parallel_equals_single_process(tmp_path, layout, monke
     assert [ln["records"] for ln in lines_1] == [ln["records"] for ln in lines_2]
     assert [ln["batch"] for ln in lines_2] == [1, 2, 3]
 
-    m1 = AutoModelForCausalLM.from_pretrained(student_dir)
-    m2 = AutoModelForCausalLM.from_pretrained(student_dir)
+    m1 = load_causal_lm(student_dir)
+    m2 = load_causal_lm(student_dir)
     ckpt.load_latest(single.checkpoint_dir, m1, restore_rng=False)
     ckpt.load_latest(args["checkpoint_dir"], m2, restore_rng=False)
     assert not torch.equal(m1.lm_head.weight, student.lm_head.weight)  # training moved the weights

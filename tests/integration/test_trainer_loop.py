@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import EmbeddedRedis
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
@@ -29,8 +29,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("loop")
     student_dir = make_tiny_llama(root / "student", seed=0, tokenizer=TOK)
     teacher_dir = make_tiny_llama(root / "teacher", seed=1, tokenizer=TOK)
-    student = AutoModelForCausalLM.from_pretrained(student_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = load_causal_lm(student_dir)
+    teacher = load_causal_lm(teacher_dir)
     with EmbeddedRedis() as server:
         yield dict(root=root, student_dir=student_dir, student=student, teacher=teacher, redis=server)
 
@@ -121,7 +121,7 @@ def test_batches_steps_stale_dead_and_acks(env):
     assert int(client.get(redis_keys.policy_version_key(run_name))) == 3
 
     # one optimizer step per mini-batch: AdamW's own step counter agrees
-    restored = AutoModelForCausalLM.from_pretrained(cfg.model)
+    restored = load_causal_lm(cfg.model)
     opt = torch.optim.AdamW(restored.parameters())
     ckpt.load_latest(cfg.checkpoint_dir, restored, opt, restore_rng=False)
     assert {int(s["step"]) for s in opt.state.values()} == {6}
@@ -154,8 +154,8 @@ def test_batches_steps_stale_dead_and_acks(env):
     assert all(m["loss/lsm"] > 0 for m in metrics)
 
     # the trained weights differ from the start and were checkpointed
-    start = AutoModelForCausalLM.from_pretrained(env["student_dir"])
-    trained = AutoModelForCausalLM.from_pretrained(env["student_dir"])
+    start = load_causal_lm(env["student_dir"])
+    trained = load_causal_lm(env["student_dir"])
     ckpt.load_latest(cfg.checkpoint_dir, trained, restore_rng=False)
     assert not torch.equal(start.lm_head.weight, trained.lm_head.weight)
 

@@ -8,11 +8,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import EmbeddedRedis
 from services.common.verifiers import completion_text, ends_with_own_marker, own_end_ids
 from services.rollout.app import build_app
@@ -37,7 +37,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("push")
     student_dir = make_tiny_llama(root / "student", seed=0, tokenizer=TOK)
     teacher_dir = make_tiny_llama(root / "teacher", seed=1, tokenizer=TOK)
-    return dict(root=root, student_dir=student_dir, teacher=AutoModelForCausalLM.from_pretrained(teacher_dir))
+    return dict(root=root, student_dir=student_dir, teacher=load_causal_lm(teacher_dir))
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def _sha(model) -> str:
 
 def test_push_reconcile_and_shared_storage(models, rollout, redis_server, tmp_path):
     url, client = rollout
-    model = AutoModelForCausalLM.from_pretrained(models["student_dir"])
+    model = load_causal_lm(models["student_dir"])
     before = client.weights()
     assert before.version == 0 and before.sha256 == _sha(model)
     r = redis_keys.connect(redis_server.url)
@@ -102,7 +102,7 @@ def test_push_reconcile_and_shared_storage(models, rollout, redis_server, tmp_pa
 
 def test_loop_pushes_every_batch_and_evaluates(models, rollout, redis_server, tmp_path, monkeypatch):
     url, client = rollout
-    student = AutoModelForCausalLM.from_pretrained(models["student_dir"])
+    student = load_causal_lm(models["student_dir"])
     records = synthetic_records(
         student,
         models["teacher"],
@@ -140,7 +140,7 @@ def test_loop_pushes_every_batch_and_evaluates(models, rollout, redis_server, tm
     state = run(cfg)
     assert state.policy_version == state.batch == 2
     info = client.weights()
-    trained = AutoModelForCausalLM.from_pretrained(models["student_dir"])
+    trained = load_causal_lm(models["student_dir"])
     from trainer import checkpoint as ckpt
 
     ckpt.load_latest(cfg.checkpoint_dir, trained, restore_rng=False)
@@ -167,7 +167,7 @@ def _greedy_ids(model, prompt: str, max_new: int) -> list[int]:
 
 def test_eval_pass_at_1_against_local_greedy(models, rollout, tmp_path):
     _, client = rollout
-    model = AutoModelForCausalLM.from_pretrained(models["student_dir"]).eval()
+    model = load_causal_lm(models["student_dir"]).eval()
     prompts = ["12+34=", "5+5=", "99+1=", "7+8="]
     greedy_ids = [_greedy_ids(model, p, 6) for p in prompts]
     greedy = [completion_text(TOK, g) for g in greedy_ids]

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.synthetic import synthetic_records, write_records
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
 from services.common import redis_keys
+from services.common.hf_models import load_causal_lm
 from services.common.redis_server import EmbeddedRedis
 from trainer import checkpoint as ckpt
 from trainer.config import TrainerConfig
@@ -44,8 +44,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     student_dir = make_tiny_llama(root / "student", seed=0, tokenizer=TOK)
     teacher_dir = make_tiny_llama(root / "teacher", seed=1, tokenizer=TOK)
-    student = AutoModelForCausalLM.from_pretrained(student_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    student = load_causal_lm(student_dir)
+    teacher = load_causal_lm(teacher_dir)
     records = synthetic_records(
         student,
         teacher,
@@ -108,7 +108,7 @@ def _spawn(args: dict, log_path: Path) -> subprocess.Popen:
 
 
 def _model_after(env, ckpt_dir) -> torch.nn.Module:
-    model = AutoModelForCausalLM.from_pretrained(env["student_dir"])
+    model = load_causal_lm(env["student_dir"])
     ckpt.load_latest(ckpt_dir, model, restore_rng=False)
     return model
 

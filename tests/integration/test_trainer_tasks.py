@@ -9,11 +9,11 @@ import threading
 
 import pytest
 from opd_teacher_client import TeacherClient
-from transformers import AutoModelForCausalLM
 
 from experiments.synthetic import synthetic_records
 from services.common import redis_keys
 from services.common.experience import decode, encode
+from services.common.hf_models import load_causal_lm
 from services.worker.config import load_config as parse_worker_config
 from services.worker.envs.rooms import RoomsEnv
 from services.worker.episode import observation_text
@@ -186,8 +186,8 @@ def test_mix_schedule_and_resume_with_colliding_entry_ids(stack, tmp_path):
     run_name = "mix"
     path = tmp_path / "mix.toml"
     path.write_text('[tasks.a]\nprompts = "unused.jsonl"\nweight = 3\n[tasks.b]\nprompts = "unused.jsonl"\n')
-    student = AutoModelForCausalLM.from_pretrained(stack.student)
-    teacher = AutoModelForCausalLM.from_pretrained(stack.teachers["math_teacher"])
+    student = load_causal_lm(stack.student)
+    teacher = load_causal_lm(stack.teachers["math_teacher"])
     client = redis_keys.connect(stack.redis.url)
     ids = {}
     for task, n, seed in (("a", 12, 0), ("b", 6, 1)):

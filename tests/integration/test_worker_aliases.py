@@ -5,10 +5,10 @@ spellings are folded from the rewritten sequence, and the trainer accepts and re
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from services.common.config import ConfigError
 from services.common.experience import decode
+from services.common.hf_models import load_causal_lm
 from services.common.redis_keys import RECORD_FIELD, connect, experience_stream
 from services.worker.aliasing import spell_out
 from services.worker.config import WorkerConfig
@@ -57,7 +57,7 @@ def run_worker(stack, run: str, **kw) -> tuple[RolloutWorker, list, float]:
 
 @torch.no_grad()
 def teacher_rows(model_dir, seq: list[int], score_from: int) -> torch.Tensor:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_causal_lm(model_dir, dtype=torch.float32).eval()
     logits = model(torch.tensor([seq])).logits[0].float()
     return torch.log_softmax(logits[score_from - 1 : -1], -1)  # [R, V]
 

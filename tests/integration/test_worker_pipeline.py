@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 from opd_teacher_client import TeacherClient
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer
 from services.common.experience import decode
+from services.common.hf_models import load_causal_lm
 from services.common.prompts import Prompt, cycle_prompts
 from services.common.redis_keys import CONSUMER_GROUP, RECORD_FIELD, connect, experience_stream
 from services.common.redis_server import free_port
@@ -66,7 +66,7 @@ def read_records(stack, run: str, task: str = ""):
 @torch.no_grad()
 def log_softmax_rows(model_dir: Path, prompt_ids, completion_ids) -> torch.Tensor:
     """[L, V] log-probabilities of each completion position given everything before it (temperature 1)."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = load_causal_lm(model_dir, dtype=torch.float32).eval()
     ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
     logits = model(ids).logits[0].float()
     p = len(prompt_ids)

@@ -8,9 +8,9 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.rollout.engine import GenerateParams
 from services.rollout.hf_engine import (
     GenerationCancelled,
@@ -96,7 +96,7 @@ def test_u_at_the_top_edge_never_picks_a_token_outside_the_nucleus():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("m") / "tiny", seed=3)
-    m = AutoModelForCausalLM.from_pretrained(path).eval()
+    m = load_causal_lm(path).eval()
     with torch.no_grad():  # spread the logits so argmax has clear margins
         m.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
     return m
@@ -226,7 +226,7 @@ class SwapAtStep(WeightsGate):
 
 
 def peaked_llama(tmp_path, seed: int):
-    m = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path / f"m{seed}", seed=seed)).eval()
+    m = load_causal_lm(make_tiny_llama(tmp_path / f"m{seed}", seed=seed)).eval()
     with torch.no_grad():
         m.lm_head.weight.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(seed))
     return m

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import make_tiny_llama
 from services.common.config import ConfigError, build_config
+from services.common.hf_models import load_causal_lm
 from services.teacher import memory
 from services.teacher.batcher import Batcher
 from services.teacher.config import TeacherConfig
@@ -28,7 +28,7 @@ from services.teacher.server import run_server
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("teacher") / "llama", seed=7, max_positions=1024)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     with torch.no_grad():  # spread the logits so the top-K order is not a near-tie everywhere
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
@@ -39,7 +39,7 @@ def model_dir(tmp_path_factory):
 def wide_model_dir(tmp_path_factory):
     """A vocabulary of 16384 so that the LM head's [rows, V] buffers dominate a forward's memory."""
     path = make_tiny_llama(tmp_path_factory.mktemp("teacher") / "wide", seed=8)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     model.resize_token_embeddings(16384)
     model.save_pretrained(path)
     return path

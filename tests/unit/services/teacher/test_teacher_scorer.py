@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from experiments.tiny_models import build_char_tokenizer, make_tiny_llama
+from services.common.hf_models import load_causal_lm
 from services.common.vocab import vocab_sha256
 from services.teacher.scorer import HFScorer, ScoreItem
 
@@ -15,7 +15,7 @@ from services.teacher.scorer import HFScorer, ScoreItem
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = make_tiny_llama(tmp_path_factory.mktemp("teacher") / "llama", seed=3)
-    model = AutoModelForCausalLM.from_pretrained(path)
+    model = load_causal_lm(path)
     with torch.no_grad():  # spread the logits so the top-K order is not a near-tie everywhere
         model.lm_head.weight.mul_(20.0)
     model.save_pretrained(path)
@@ -24,7 +24,7 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_model(model_dir):
-    return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    return load_causal_lm(model_dir).eval()
 
 
 @pytest.fixture(scope="module")
