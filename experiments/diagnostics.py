@@ -139,9 +139,9 @@ def evaluate_model(
         )
         lenient, strict = [], []
         for cs, a in zip(comps, answers, strict=True):
-            scores, own = score_samples(tokenizer, cs, a, check, end_ids)
-            lenient.append(sum(scores) / len(cs))
-            strict.append(sum(v for v, e in zip(scores, own, strict=True) if e) / len(cs))
+            scored = score_samples(tokenizer, cs, a, check, end_ids)
+            lenient.append(sum(scored.lenient) / len(cs))
+            strict.append(sum(scored.strict) / len(cs))
         out[key] = sum(strict) / len(strict)
         out[f"{key}_lenient"] = sum(lenient) / len(lenient)
     return out

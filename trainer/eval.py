@@ -97,10 +97,10 @@ def evaluate(
     for prompt, samples in zip(prompts, completions, strict=True):
         if not samples:
             raise RuntimeError(f"rollout returned no sample for eval prompt row {prompt.row}")
-        scores, ended = score_samples(tokenizer, samples, prompt.answer, verifier, end_ids)
-        lenient.append(scores)
-        strict.append([s if e else 0.0 for s, e in zip(scores, ended, strict=True)])
-        own.extend(ended)
+        scored = score_samples(tokenizer, samples, prompt.answer, verifier, end_ids)
+        lenient.append(scored.lenient)
+        strict.append(scored.strict)
+        own.extend(scored.own)
         lengths.extend(len(ids) for ids in samples)
     return {
         **_rates(strict, prefix, ""),

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib.util
 import re
 from collections.abc import Callable, Collection, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 Verifier = Callable[[str, str], float]
 
@@ -147,15 +147,25 @@ def ends_with_own_marker(tokenizer: Any, token_ids: Sequence[int], end_ids: Coll
     return first is not None and first in end_ids
 
 
+class SampleScores(NamedTuple):
+    """One prompt's completions, scored: `lenient` (the verifier on the text up to the first special token),
+    `strict` (the lenient score where the sample ends with the student's own end marker, else 0: the
+    headline pass@1 and the worker's reward) and `own` (whether each ends with that marker)."""
+
+    lenient: list[float]
+    strict: list[float]
+    own: list[bool]
+
+
 def score_samples(
     tokenizer: Any,
     samples: Sequence[Sequence[int]],
     answer: str,
     verifier: Verifier,
     end_ids: Collection[int],
-) -> tuple[list[float], list[bool]]:
-    """(lenient scores, ends with own marker) of one prompt's completions (token ids); the strict score
-    of a sample is its lenient score where it ends with its own marker, else 0."""
+) -> SampleScores:
+    """Lenient and strict scores, and own-end-marker flags, of one prompt's completions (token ids)."""
     lenient = [float(verifier(completion_text(tokenizer, ids), answer)) for ids in samples]
     own = [ends_with_own_marker(tokenizer, ids, end_ids) for ids in samples]
-    return lenient, own
+    strict = [score if ended else 0.0 for score, ended in zip(lenient, own, strict=True)]
+    return SampleScores(lenient, strict, own)

@@ -227,11 +227,11 @@ class RolloutWorker:
         if self.verifier is not None:
             # Strict, like the trainer's pass@1: a right answer earns its reward only when the sample ends
             # with the student's own end marker (services/common/verifiers.py); lenient in the metrics.
-            lenient, own = score_samples(
+            verdicts = score_samples(
                 self.tokenizer, [s.token_ids for s in samples], prompt.answer, self.verifier, self.end_ids
             )
-            rewards = [score if ended else 0.0 for score, ended in zip(lenient, own, strict=True)]
-            for strict_reward, lenient_reward in zip(rewards, lenient, strict=True):
+            rewards = verdicts.strict
+            for strict_reward, lenient_reward in zip(verdicts.strict, verdicts.lenient, strict=True):
                 self.metrics.reward.observe(strict_reward)
                 self.metrics.reward_lenient.observe(lenient_reward)
         assert self.teacher_model_id is not None  # set by prepare or _ensure_teacher_model_id

@@ -24,9 +24,10 @@ def test_score_samples_and_rates():
     ]
     lenient, strict = [], []
     for samples, answer in per_prompt:
-        scores, own = score_samples(TOK, samples, answer, toy_arith, end_ids)
-        lenient.append(scores)
-        strict.append([s if e else 0.0 for s, e in zip(scores, own, strict=True)])
+        scored = score_samples(TOK, samples, answer, toy_arith, end_ids)
+        lenient.append(scored.lenient)
+        strict.append(scored.strict)
+        assert scored.own == [sample[-1] == OWN for sample in samples]
     assert lenient == [[1.0, 1.0], [0.0, 1.0]]
     assert strict == [[1.0, 0.0], [0.0, 0.0]]
     assert _rates(strict, "eval", "") == {"eval/pass@1": 0.25, "eval/avg@2": 0.25, "eval/pass@2": 0.5}
