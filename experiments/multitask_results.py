@@ -24,11 +24,11 @@ from typing import Any
 from experiments.report import PANELS, mean_std, plot_curves, task_panels
 
 EVAL_KEY = re.compile(r"^task/([^/]+)/eval/(pass@1|success_rate)$")
-# (metric under task/<name>/eval/, its column title): reported at the last eval (the lenient score also before)
+# (metric under task/<name>/eval/, its column title, the evals reported: last, or first and last)
 EVAL_EXTRAS = (
-    ("pass@1_lenient", "pass@1 lenient"),
-    ("length", "eval length"),
-    ("ends_own_eos", "eval own eos"),
+    ("pass@1_lenient", "pass@1 lenient", ("before", "final")),
+    ("length", "eval length", ("final",)),
+    ("ends_own_eos", "eval own eos", ("final",)),
 )
 # (metric under task/<name>/response/, its column title): the mean over the run's training batches
 RUN_SHARES = (("ends_own_eos", "own eos"), ("other_special", "other marker"), ("length_cap", "length cap"))
@@ -70,14 +70,13 @@ def summarize_tasks(rows: list[dict[str, Any]]) -> dict[str, float]:
             chosen = max(both, key=lambda r: (float(r[val_key]), -float(r.get("batch", 0))))
             out[f"{name}/selected"] = float(chosen[key])
         task = key.split("/")[1]
-        for extra, title in EVAL_EXTRAS:  # beside the headline: lenient, length, end markers of the eval
+        for extra, title, parts in EVAL_EXTRAS:  # beside the headline: lenient, length, end markers
             extra_points = [
                 float(r[f"task/{task}/eval/{extra}"]) for r in rows if f"task/{task}/eval/{extra}" in r
             ]
             if extra_points:
-                if extra == "pass@1_lenient":
-                    out[f"{task} {title}/before"] = extra_points[0]
-                out[f"{task} {title}/final"] = extra_points[-1]
+                for part in parts:
+                    out[f"{task} {title}/{part}"] = extra_points[0 if part == "before" else -1]
         for metric, title in RUN_SHARES:  # averaged over every training batch of the task
             values = [
                 float(r[f"task/{task}/response/{metric}"])
